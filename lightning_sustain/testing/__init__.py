@@ -1,1 +1,13 @@
+"""Testing helpers: a SIMULATED NVML device for tests, demos and users' CI.
 
+See ``docs/simulated-nvml.md``. Everything these helpers produce is simulated.
+"""
+
+from lightning_sustain.testing.simulated_nvml import (
+    SimulatedDeviceSpec,
+    SimulatedNVML,
+    SimulatedNVMLError,
+    build_library,
+)
+
+__all__ = ["SimulatedDeviceSpec", "SimulatedNVML", "SimulatedNVMLError", "build_library"]

@@ -1,0 +1,237 @@
+"""Turning step boundaries into per-step and per-phase energy (no Lightning here).
+
+The training thread only calls :meth:`EnergyAccountant.record_step` (a list append).
+:meth:`EnergyAccountant.resolve`, called at log intervals, interpolates the meter's
+curves at the recorded boundaries for every step whose end the curves already cover.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_sustain.energy.meter import EnergyMeter
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("train", "validation", "test", "predict", "fit")
+
+
+@dataclass
+class StepEnergy:
+    """Energy of one training step.
+
+    Attributes:
+        step: global step index (0-based, the step this batch produced).
+        epoch: epoch index.
+        start_s: ``time.monotonic()`` at the step's start.
+        end_s: ``time.monotonic()`` at the step's end.
+        energy_j: joules of all measured devices together.
+        device_energy_j: joules per device id.
+        samples: samples in the batch (0 when unknown).
+    """
+
+    step: int
+    epoch: int
+    start_s: float
+    end_s: float
+    energy_j: float
+    device_energy_j: dict[str, float]
+    samples: int
+
+    @property
+    def duration_s(self) -> float:
+        """Step duration in seconds."""
+        return self.end_s - self.start_s
+
+    @property
+    def power_w(self) -> float:
+        """Mean power over the step, in watts."""
+        return self.energy_j / self.duration_s if self.duration_s > 0 else 0.0
+
+
+@dataclass
+class PhaseTotals:
+    """Accumulated energy of one phase (train, validation, test, predict, fit).
+
+    Attributes:
+        device_energy_j: joules per device id.
+        duration_s: seconds spent in the phase.
+        steps: steps (batches) counted.
+        samples: samples counted.
+    """
+
+    device_energy_j: dict[str, float] = field(default_factory=dict)
+    duration_s: float = 0.0
+    steps: int = 0
+    samples: int = 0
+
+    @property
+    def energy_j(self) -> float:
+        """Joules of all devices together."""
+        return float(sum(self.device_energy_j.values()))
+
+    def add_energy(self, device_energy_j: dict[str, float]) -> None:
+        """Add joules per device."""
+        for device_id, joules in device_energy_j.items():
+            self.device_energy_j[device_id] = self.device_energy_j.get(device_id, 0.0) + joules
+
+    def merge(self, other: PhaseTotals) -> None:
+        """Add another phase's totals into this one."""
+        self.add_energy(other.device_energy_j)
+        self.duration_s += other.duration_s
+        self.steps += other.steps
+        self.samples += other.samples
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "energy_j": self.energy_j,
+            "device_energy_j": dict(self.device_energy_j),
+            "duration_s": self.duration_s,
+            "steps": self.steps,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PhaseTotals:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            device_energy_j={k: float(v) for k, v in data.get("device_energy_j", {}).items()},
+            duration_s=float(data.get("duration_s", 0.0)),
+            steps=int(data.get("steps", 0)),
+            samples=int(data.get("samples", 0)),
+        )
+
+
+def totals_to_dict(totals: dict[str, PhaseTotals]) -> dict[str, dict[str, Any]]:
+    """Serialise a phase -> totals mapping."""
+    return {phase: t.to_dict() for phase, t in totals.items()}
+
+
+def totals_from_dict(data: dict[str, Any]) -> dict[str, PhaseTotals]:
+    """Deserialise a phase -> totals mapping."""
+    return {phase: PhaseTotals.from_dict(value) for phase, value in data.items()}
+
+
+def empty_totals() -> dict[str, PhaseTotals]:
+    """A fresh mapping with every phase at zero."""
+    return {phase: PhaseTotals() for phase in PHASES}
+
+
+class EnergyAccountant:
+    """Per-step and per-phase energy from recorded boundaries and an :class:`EnergyMeter`.
+
+    Args:
+        meter: the meter whose curves answer the queries.
+        on_steps: called with every batch of newly resolved steps (e.g. a trace writer).
+        max_pending: resolve early once this many steps wait (bounds memory).
+    """
+
+    def __init__(
+        self,
+        meter: EnergyMeter,
+        on_steps: Callable[[list[StepEnergy]], None] | None = None,
+        max_pending: int = 4096,
+    ) -> None:
+        self.meter = meter
+        self.on_steps = on_steps
+        self.max_pending = max_pending
+        self.totals: dict[str, PhaseTotals] = empty_totals()
+        self._pending_steps: list[tuple[int, int, float, float, int]] = []
+        self._pending_intervals: list[tuple[str, float, float, int, int]] = []
+        self.last_resolved: list[StepEnergy] = []
+
+    # -- hot path ---------------------------------------------------------------------
+    def record_step(
+        self, step: int, epoch: int, start_s: float, end_s: float, samples: int
+    ) -> None:
+        """Remember a training step's boundaries (no measurement happens here)."""
+        self._pending_steps.append((step, epoch, start_s, end_s, samples))
+
+    @property
+    def pending_steps(self) -> int:
+        """Steps recorded but not yet resolved."""
+        return len(self._pending_steps)
+
+    def needs_resolve(self) -> bool:
+        """True when the pending list reached ``max_pending``."""
+        return len(self._pending_steps) >= self.max_pending
+
+    def record_interval(
+        self, phase: str, start_s: float, end_s: float, steps: int = 0, samples: int = 0
+    ) -> None:
+        """Remember a whole phase interval (validation run, test run, the whole fit)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self._pending_intervals.append((phase, start_s, end_s, steps, samples))
+
+    # -- resolution -------------------------------------------------------------------
+    def resolve(self, wait: bool = False, timeout_s: float = 2.0) -> list[StepEnergy]:
+        """Compute energy for every pending step and interval the curves cover.
+
+        Args:
+            wait: block (up to ``timeout_s``) until the curves cover everything pending;
+                used at the end of a run. On timeout the remainder is resolved with the
+                last known values.
+            timeout_s: the longest wait.
+
+        Returns:
+            The steps resolved by this call, oldest first.
+        """
+        latest_end = max(
+            [s[3] for s in self._pending_steps] + [i[2] for i in self._pending_intervals],
+            default=None,
+        )
+        if latest_end is None:
+            self.last_resolved = []
+            return []
+        if wait:
+            self.meter.wait_until_covered(latest_end, timeout_s=timeout_s)
+            covered_until = float("inf")
+        else:
+            covered = self.meter.latest_time_s()
+            if covered is None:
+                covered = float("inf") if not self.meter.streams or self.meter.failures() else None
+            if covered is None:
+                self.last_resolved = []
+                return []
+            covered_until = covered
+        ready = [s for s in self._pending_steps if s[3] <= covered_until]
+        self._pending_steps = [s for s in self._pending_steps if s[3] > covered_until]
+        resolved = self._resolve_steps(ready)
+        ready_intervals = [i for i in self._pending_intervals if i[2] <= covered_until]
+        self._pending_intervals = [i for i in self._pending_intervals if i[2] > covered_until]
+        for phase, start_s, end_s, steps, samples in ready_intervals:
+            totals = self.totals[phase]
+            totals.add_energy(self.meter.energy_between(start_s, end_s))
+            totals.duration_s += end_s - start_s
+            totals.steps += steps
+            totals.samples += samples
+        if resolved and self.on_steps is not None:
+            self.on_steps(resolved)
+        self.last_resolved = resolved
+        return resolved
+
+    def _resolve_steps(self, ready: list[tuple[int, int, float, float, int]]) -> list[StepEnergy]:
+        if not ready:
+            return []
+        times: list[float] = []
+        for _step, _epoch, start_s, end_s, _samples in ready:
+            times.extend((start_s, end_s))
+        curves = self.meter.energy_at(times)
+        train = self.totals["train"]
+        resolved: list[StepEnergy] = []
+        for k, (step, epoch, start_s, end_s, samples) in enumerate(ready):
+            per_device = {
+                device_id: values[2 * k + 1] - values[2 * k] for device_id, values in curves.items()
+            }
+            energy_j = float(sum(per_device.values()))
+            resolved.append(StepEnergy(step, epoch, start_s, end_s, energy_j, per_device, samples))
+            train.add_energy(per_device)
+            train.duration_s += end_s - start_s
+            train.steps += 1
+            train.samples += samples
+        return resolved

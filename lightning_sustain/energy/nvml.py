@@ -1,0 +1,460 @@
+"""NVIDIA GPUs through NVML (``pynvml``, from the ``nvidia-ml-py`` package).
+
+Energy comes from the total-energy counter (``nvmlDeviceGetTotalEnergyConsumption``,
+Volta and newer) where the device supports it, else from power samples
+(``NVML_FI_DEV_POWER_INSTANT`` through ``nvmlDeviceGetFieldValues``, else
+``nvmlDeviceGetPowerUsage``) integrated over time by the device object.
+
+NVML errors are mapped once, here, to the exceptions in :mod:`lightning_sustain.energy.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_sustain.energy.device import EnergyDevice
+from lightning_sustain.energy.errors import (
+    DeviceUnavailableError,
+    EnergyMeasurementError,
+    MeasurementNotSupportedError,
+    PowerLimitError,
+    PowerLimitPermissionError,
+)
+from lightning_sustain.energy.types import DeviceInfo, EnergyReading, Provenance
+
+logger = logging.getLogger(__name__)
+
+#: Symbol exported by the simulated NVML library; its presence marks readings as simulated.
+SIMULATED_MARKER_SYMBOL = "lsim_simulated_marker"
+
+_session_lock = threading.Lock()
+_session_refcount = 0
+
+
+def _pynvml() -> Any:
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+        raise DeviceUnavailableError(
+            "The 'pynvml' module is missing; install it with `pip install nvidia-ml-py`."
+        ) from exc
+    return pynvml
+
+
+def nvml_init() -> Any:
+    """Initialise NVML once per process (reference counted) and return ``pynvml``.
+
+    Raises:
+        DeviceUnavailableError: when no NVML library or driver is available.
+    """
+    global _session_refcount
+    pynvml = _pynvml()
+    with _session_lock:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            raise DeviceUnavailableError(
+                f"NVML is not available ({exc}): no NVIDIA driver or libnvidia-ml.so.1 "
+                "was found. GPU energy cannot be measured; CPU energy is measured or "
+                "estimated instead."
+            ) from exc
+        _session_refcount += 1
+    return pynvml
+
+
+def nvml_shutdown() -> None:
+    """Release one reference taken by :func:`nvml_init`."""
+    global _session_refcount
+    pynvml = _pynvml()
+    with _session_lock:
+        if _session_refcount <= 0:
+            return
+        _session_refcount -= 1
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:  # pragma: no cover - shutdown failures are benign
+            logger.debug("nvmlShutdown failed: %s", exc)
+
+
+def nvml_available() -> bool:
+    """Return True when NVML can be initialised in this process."""
+    try:
+        nvml_init()
+    except DeviceUnavailableError:
+        return False
+    nvml_shutdown()
+    return True
+
+
+def nvml_is_simulated() -> bool:
+    """Return True when the loaded NVML library is lightning_sustain's simulated device."""
+    pynvml = _pynvml()
+    lib = getattr(pynvml, "nvmlLib", None)
+    if lib is None:
+        return False
+    try:
+        getattr(lib, SIMULATED_MARKER_SYMBOL)
+    except AttributeError:
+        return False
+    return True
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class VisibleGpu:
+    """One entry of ``CUDA_VISIBLE_DEVICES`` resolved to an NVML device.
+
+    Attributes:
+        cuda_ordinal: the index CUDA (and torch) uses for the device in this process.
+        nvml_index: the NVML index of the physical device, or None for a MIG slice.
+        uuid: the device UUID as NVML reports it.
+        mig: True when the entry names a MIG slice, which NVML cannot meter.
+    """
+
+    cuda_ordinal: int
+    nvml_index: int | None
+    uuid: str
+    mig: bool = False
+
+
+def resolve_visible_gpus(cuda_visible_devices: str | None = None) -> list[VisibleGpu]:
+    """Map CUDA ordinals to NVML devices, honouring ``CUDA_VISIBLE_DEVICES``.
+
+    Entries may be indices (``"0,2"``), full or prefix UUIDs (``"GPU-8f3c..."``) or MIG
+    identifiers (``"MIG-..."``). Resolution stops at the first invalid entry, as CUDA does.
+
+    Args:
+        cuda_visible_devices: the variable's value; ``None`` reads the environment.
+
+    Returns:
+        One :class:`VisibleGpu` per device CUDA would expose, in CUDA ordinal order.
+
+    Raises:
+        DeviceUnavailableError: when NVML is not available.
+    """
+    if cuda_visible_devices is None:
+        cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pynvml = nvml_init()
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        uuids = [
+            _decode(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+            for i in range(count)
+        ]
+    finally:
+        nvml_shutdown()
+    if cuda_visible_devices is None:
+        return [VisibleGpu(i, i, uuids[i]) for i in range(count)]
+    visible: list[VisibleGpu] = []
+    for raw in cuda_visible_devices.split(","):
+        entry = raw.strip()
+        if not entry:
+            break
+        ordinal = len(visible)
+        if entry.isdigit() or (entry.startswith("-") and entry[1:].isdigit()):
+            index = int(entry)
+            if index < 0 or index >= count:
+                break  # CUDA ignores this entry and every one after it
+            visible.append(VisibleGpu(ordinal, index, uuids[index]))
+        elif entry.upper().startswith("MIG-"):
+            visible.append(VisibleGpu(ordinal, None, entry, mig=True))
+        else:
+            wanted = entry if entry.upper().startswith("GPU-") else f"GPU-{entry}"
+            matches = [i for i, uuid in enumerate(uuids) if uuid.lower().startswith(wanted.lower())]
+            if len(matches) != 1:
+                break
+            visible.append(VisibleGpu(ordinal, matches[0], uuids[matches[0]]))
+    return visible
+
+
+def nvml_index_for_uuid(uuid: str) -> int:
+    """Return the NVML index of the device with this UUID (a unique prefix is enough).
+
+    Raises:
+        DeviceUnavailableError: when NVML is unavailable or no single device matches.
+    """
+    pynvml = nvml_init()
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        wanted = uuid.lower()
+        matches = [
+            i
+            for i in range(count)
+            if _decode(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+            .lower()
+            .startswith(wanted)
+        ]
+    finally:
+        nvml_shutdown()
+    if len(matches) != 1:
+        raise DeviceUnavailableError(
+            f"No single NVML device has UUID {uuid!r} ({len(matches)} match); check "
+            "CUDA_VISIBLE_DEVICES and `nvidia-smi -L`."
+        )
+    return matches[0]
+
+
+class NvmlGpu(EnergyDevice):
+    """One physical NVIDIA GPU measured through NVML.
+
+    Args:
+        nvml_index: the NVML device index (not the CUDA ordinal; see
+            :func:`resolve_visible_gpus`).
+        prefer_counter: use the total-energy counter when the device has one.
+
+    Raises:
+        DeviceUnavailableError: NVML is missing or the index does not exist.
+        MeasurementNotSupportedError: the device is in MIG mode or reports neither
+            energy nor power.
+    """
+
+    #: Poll interval suited to NVML: the counter and power readings update about every
+    #: 100 ms on current GPUs; polling at 10 ms timestamps each update within 5 ms.
+    preferred_interval_s = 0.01
+
+    def __init__(self, nvml_index: int, prefer_counter: bool = True) -> None:
+        self._pynvml = nvml_init()
+        self._closed = False
+        pynvml = self._pynvml
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            if not 0 <= nvml_index < count:
+                raise DeviceUnavailableError(
+                    f"NVML device index {nvml_index} does not exist: this machine has "
+                    f"{count} NVML device(s)."
+                )
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            name = _decode(pynvml.nvmlDeviceGetName(self._handle))
+            self.uuid = _decode(pynvml.nvmlDeviceGetUUID(self._handle))
+            self._check_not_mig(name)
+            simulated = nvml_is_simulated()
+            self._mode = self._choose_mode(prefer_counter)
+        except BaseException:
+            nvml_shutdown()
+            raise
+        provenance = Provenance.COUNTER if self._mode == "counter" else Provenance.INTEGRATED
+        self.nvml_index = nvml_index
+        self.info = DeviceInfo(
+            device_id=f"gpu:{self.uuid}",
+            kind="gpu",
+            name=name,
+            provenance=provenance,
+            simulated=simulated,
+            index=nvml_index,
+        )
+        self._last_raw_mj: int | None = None
+        self._last_poll_s: float | None = None
+        self._energy_j = 0.0
+        self._last_power_w: float | None = None
+        self._backwards_warned = False
+        self._last_change_s = 0.0
+        logger.debug("NVML device %d (%s) measured by %s", nvml_index, name, self._mode)
+
+    # -- set-up -----------------------------------------------------------------------
+    def _check_not_mig(self, name: str) -> None:
+        pynvml = self._pynvml
+        try:
+            current, _pending = pynvml.nvmlDeviceGetMigMode(self._handle)
+        except pynvml.NVMLError:
+            return  # pre-Ampere devices have no MIG mode at all
+        if current == getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
+            raise MeasurementNotSupportedError(
+                f"GPU {name} ({self.uuid}) is in MIG mode: NVML cannot measure energy or "
+                "power per MIG slice, so this GPU's energy is not measured. Disable MIG "
+                "(`nvidia-smi -mig 0`) for per-device energy."
+            )
+
+    def _choose_mode(self, prefer_counter: bool) -> str:
+        pynvml = self._pynvml
+        if prefer_counter:
+            try:
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+                return "counter"
+            except pynvml.NVMLError_NotSupported:
+                pass
+            except pynvml.NVMLError as exc:
+                raise self._map_error(exc, "read the energy counter") from exc
+        if self._read_field_power_w() is not None:
+            return "field"
+        try:
+            pynvml.nvmlDeviceGetPowerUsage(self._handle)
+            return "power"
+        except pynvml.NVMLError as exc:
+            raise MeasurementNotSupportedError(
+                f"NVML device {self.uuid} reports neither total energy nor power ({exc})."
+            ) from exc
+
+    def _map_error(self, exc: Exception, action: str) -> EnergyMeasurementError:
+        pynvml = self._pynvml
+        if isinstance(exc, pynvml.NVMLError_GPUIsLost):
+            return DeviceUnavailableError(
+                f"GPU {self.uuid} was lost while trying to {action} (NVML: {exc}); its "
+                "energy after this point is not measured."
+            )
+        if isinstance(exc, pynvml.NVMLError_NotSupported):
+            return MeasurementNotSupportedError(f"GPU {self.uuid} cannot {action}: {exc}")
+        return EnergyMeasurementError(f"NVML failed to {action} on GPU {self.uuid}: {exc}")
+
+    # -- reading ----------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """How energy is obtained: ``counter``, ``field`` (instant power) or ``power``."""
+        return self._mode
+
+    def _read_field_power_w(self) -> float | None:
+        pynvml = self._pynvml
+        field_id = getattr(pynvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        if field_id is None:
+            return None
+        try:
+            values = pynvml.nvmlDeviceGetFieldValues(self._handle, [field_id])
+        except pynvml.NVMLError:
+            return None
+        value = values[0]
+        if value.nvmlReturn != pynvml.NVML_SUCCESS:
+            return None
+        return float(value.value.uiVal) / 1000.0
+
+    def _read_power_w(self) -> float:
+        if self._mode == "field":
+            power_w = self._read_field_power_w()
+            if power_w is not None:
+                return power_w
+            self._mode = "power"  # the field stopped answering: use the older call
+        return float(self._pynvml.nvmlDeviceGetPowerUsage(self._handle)) / 1000.0
+
+    def read(self) -> EnergyReading | None:
+        """Poll the device.
+
+        Returns:
+            A new reading, or None when the counter has not updated since the last one
+            (a counter reading is timestamped at the midpoint of the poll interval in
+            which it changed).
+
+        Raises:
+            EnergyMeasurementError: if the device cannot be read (GPU lost, NVML error).
+        """
+        pynvml = self._pynvml
+        now = time.monotonic()
+        try:
+            if self._mode == "counter":
+                raw_mj = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+            else:
+                power_w = self._read_power_w()
+        except pynvml.NVMLError as exc:
+            raise self._map_error(exc, "read energy") from exc
+        if self._mode == "counter":
+            return self._counter_reading(now, raw_mj)
+        return self._integrate(now, power_w)
+
+    def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
+        previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
+        self._last_raw_mj, self._last_poll_s = raw_mj, now
+        if previous_mj is None or previous_poll is None:
+            self._last_change_s = now
+            return EnergyReading(now, 0.0, None)
+        if raw_mj == previous_mj:
+            return None
+        if raw_mj < previous_mj:
+            if not self._backwards_warned:
+                logger.warning(
+                    "The energy counter of GPU %s went backwards (%d mJ -> %d mJ; driver "
+                    "reset or counter wrap). The lost interval is not counted; measurement "
+                    "continues from the new value.",
+                    self.uuid,
+                    previous_mj,
+                    raw_mj,
+                )
+                self._backwards_warned = True
+            return None
+        delta_j = (raw_mj - previous_mj) / 1000.0
+        timestamp = (previous_poll + now) / 2.0
+        interval = timestamp - self._last_change_s
+        self._energy_j += delta_j
+        power_w = delta_j / interval if interval > 0 else None
+        self._last_change_s = timestamp
+        return EnergyReading(timestamp, self._energy_j, power_w)
+
+    def _integrate(self, now: float, power_w: float) -> EnergyReading:
+        if self._last_poll_s is not None and self._last_power_w is not None:
+            self._energy_j += 0.5 * (power_w + self._last_power_w) * (now - self._last_poll_s)
+        self._last_poll_s, self._last_power_w = now, power_w
+        return EnergyReading(now, self._energy_j, power_w)
+
+    # -- power limits -----------------------------------------------------------------
+    def power_limit_w(self) -> float:
+        """The power limit in force now (NVML enforced limit), in watts."""
+        return self._limit_call("read the power limit", "nvmlDeviceGetEnforcedPowerLimit") / 1000
+
+    def default_power_limit_w(self) -> float:
+        """The device's default power limit, in watts."""
+        return (
+            self._limit_call(
+                "read the default power limit", "nvmlDeviceGetPowerManagementDefaultLimit"
+            )
+            / 1000
+        )
+
+    def power_limit_range_w(self) -> tuple[float, float]:
+        """The (minimum, maximum) power limit the device accepts, in watts."""
+        low_mw, high_mw = self._limit_call(
+            "read the power limit range", "nvmlDeviceGetPowerManagementLimitConstraints"
+        )
+        return low_mw / 1000.0, high_mw / 1000.0
+
+    def set_power_limit_w(self, power_w: float) -> None:
+        """Set the device power limit.
+
+        Args:
+            power_w: the new limit in watts, inside :meth:`power_limit_range_w`.
+
+        Raises:
+            PowerLimitPermissionError: the driver refused (not root, or restricted).
+            PowerLimitError: any other failure, including a value out of range.
+        """
+        self._limit_call(
+            f"set the power limit to {power_w:.0f} W",
+            "nvmlDeviceSetPowerManagementLimit",
+            int(round(power_w * 1000)),
+        )
+
+    def _limit_call(self, action: str, function: str, *args: Any) -> Any:
+        pynvml = self._pynvml
+        try:
+            return getattr(pynvml, function)(self._handle, *args)
+        except pynvml.NVMLError_NoPermission as exc:
+            raise PowerLimitPermissionError(
+                f"NVML refused to {action} on GPU {self.uuid} ({exc}): changing power limits "
+                "needs root or `nvidia-smi -acp UNRESTRICTED`. Use the software power "
+                "budget (mode='software') where that is not possible."
+            ) from exc
+        except pynvml.NVMLError as exc:
+            raise PowerLimitError(f"NVML failed to {action} on GPU {self.uuid}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release this device's NVML reference."""
+        if not self._closed:
+            self._closed = True
+            nvml_shutdown()
+
+
+def open_gpus(nvml_indices: Sequence[int], prefer_counter: bool = True) -> list[NvmlGpu]:
+    """Open several NVML devices, closing the already opened ones if one fails."""
+    opened: list[NvmlGpu] = []
+    try:
+        for index in nvml_indices:
+            opened.append(NvmlGpu(index, prefer_counter=prefer_counter))
+    except BaseException:
+        for gpu in opened:
+            gpu.close()
+        raise
+    return opened
