@@ -244,6 +244,10 @@ class EnergyMonitor(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.meter is not None:
+            # once per run: make sure every curve has started before the first step
+            # (a hardware counter may take one update period, ~100 ms, to show a change)
+            self.meter.wait_until_covered(time.monotonic(), timeout_s=0.5)
         self._start_run(trainer)
         self._fit_start_s = self._t0_s
 
@@ -581,7 +585,9 @@ class EnergyMonitor(Callback):
             phases[phase].merge(prior)
         local = empty_totals()
         if self.accountant is not None:
-            self.accountant.resolve()
+            # a checkpoint must hold every finished step: wait for the curves to cover them
+            self._convert_cuda_boundaries(wait=True)
+            self.accountant.resolve(wait=True, timeout_s=1.0)
             local = self.accountant.totals
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

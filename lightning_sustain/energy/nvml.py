@@ -257,6 +257,7 @@ class NvmlGpu(EnergyDevice):
         self._last_power_w: float | None = None
         self._backwards_warned = False
         self._last_change_s = 0.0
+        self._origin_set = False
         logger.debug("NVML device %d (%s) measured by %s", nvml_index, name, self._mode)
 
     # -- set-up -----------------------------------------------------------------------
@@ -279,10 +280,9 @@ class NvmlGpu(EnergyDevice):
             try:
                 pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
                 return "counter"
-            except pynvml.NVMLError_NotSupported:
-                pass
             except pynvml.NVMLError as exc:
-                raise self._map_error(exc, "read the energy counter") from exc
+                if exc.value != pynvml.NVML_ERROR_NOT_SUPPORTED:
+                    raise self._map_error(exc, "read the energy counter") from exc
         if self._read_field_power_w() is not None:
             return "field"
         try:
@@ -295,12 +295,13 @@ class NvmlGpu(EnergyDevice):
 
     def _map_error(self, exc: Exception, action: str) -> EnergyMeasurementError:
         pynvml = self._pynvml
-        if isinstance(exc, pynvml.NVMLError_GPUIsLost):
+        code = getattr(exc, "value", None)
+        if code == pynvml.NVML_ERROR_GPU_IS_LOST:
             return DeviceUnavailableError(
                 f"GPU {self.uuid} was lost while trying to {action} (NVML: {exc}); its "
                 "energy after this point is not measured."
             )
-        if isinstance(exc, pynvml.NVMLError_NotSupported):
+        if code == pynvml.NVML_ERROR_NOT_SUPPORTED:
             return MeasurementNotSupportedError(f"GPU {self.uuid} cannot {action}: {exc}")
         return EnergyMeasurementError(f"NVML failed to {action} on GPU {self.uuid}: {exc}")
 
@@ -360,10 +361,15 @@ class NvmlGpu(EnergyDevice):
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
         self._last_raw_mj, self._last_poll_s = raw_mj, now
         if previous_mj is None or previous_poll is None:
-            self._last_change_s = now
-            return EnergyReading(now, 0.0, None)
+            return None  # baseline only: this value applies to an unknown earlier update
         if raw_mj == previous_mj:
             return None
+        if not self._origin_set:
+            # The first update seen is the curve's origin: its time is known (between two
+            # polls), whereas the baseline value's update time is not.
+            self._origin_set = True
+            self._last_change_s = (previous_poll + now) / 2.0
+            return EnergyReading(self._last_change_s, 0.0, None)
         if raw_mj < previous_mj:
             if not self._backwards_warned:
                 logger.warning(
@@ -431,14 +437,14 @@ class NvmlGpu(EnergyDevice):
         pynvml = self._pynvml
         try:
             return getattr(pynvml, function)(self._handle, *args)
-        except pynvml.NVMLError_NoPermission as exc:
+        except pynvml.NVMLError as exc:
+            if exc.value != pynvml.NVML_ERROR_NO_PERMISSION:
+                raise PowerLimitError(f"NVML failed to {action} on GPU {self.uuid}: {exc}") from exc
             raise PowerLimitPermissionError(
                 f"NVML refused to {action} on GPU {self.uuid} ({exc}): changing power limits "
                 "needs root or `nvidia-smi -acp UNRESTRICTED`. Use the software power "
                 "budget (mode='software') where that is not possible."
             ) from exc
-        except pynvml.NVMLError as exc:
-            raise PowerLimitError(f"NVML failed to {action} on GPU {self.uuid}: {exc}") from exc
 
     def close(self) -> None:
         """Release this device's NVML reference."""

@@ -1,0 +1,31 @@
+"""Shared fixtures: the simulated NVML device driven through the real pynvml bindings."""
+
+from __future__ import annotations
+
+import pynvml
+import pytest
+
+from lightning_sustain.testing import SimulatedNVML
+
+
+@pytest.fixture
+def simulated_nvml():
+    """Factory: install a SimulatedNVML (and pynvml.nvmlInit); undone at teardown."""
+    created: list[SimulatedNVML] = []
+
+    def factory(devices=1, **kwargs) -> SimulatedNVML:
+        sim = SimulatedNVML(devices, **kwargs).install()
+        created.append(sim)
+        pynvml.nvmlInit()
+        return sim
+
+    yield factory
+    for sim in reversed(created):
+        pynvml.nvmlShutdown()
+        sim.uninstall()
+
+
+@pytest.fixture
+def sim(simulated_nvml) -> SimulatedNVML:
+    """Two default simulated H100s, 50 ms counter period, pynvml initialised."""
+    return simulated_nvml(2, counter_period_s=0.05)
