@@ -262,7 +262,8 @@ def test_accountant_resolves_steps_and_phases() -> None:
         t = time.monotonic()
         acct.record_step(0, 0, t, t + 0.02, 8)
         acct.record_step(1, 0, t + 0.02, t + 0.05, 8)
-        acct.record_interval("validation", t + 0.05, t + 0.06, steps=2)
+        start, end = acct.mark(t + 0.05), acct.mark(t + 0.06)
+        acct.record_interval("validation", start, end, steps=2)
         time.sleep(0.08)
         resolved = acct.resolve(wait=True)
     assert [s.step for s in resolved] == [0, 1]
@@ -273,7 +274,8 @@ def test_accountant_resolves_steps_and_phases() -> None:
     assert acct.totals["validation"].energy_j == pytest.approx(1.0, rel=1e-3)
     assert written == resolved
     with pytest.raises(ValueError, match="phase"):
-        acct.record_interval("warmup", 0, 1)
+        acct.record_interval("warmup", start, end)
+    assert acct.energy_at_mark(end)[device.info.device_id] > 0
 
 
 def test_accountant_waits_for_coverage_without_blocking_by_default() -> None:

@@ -163,3 +163,14 @@ def test_exception_in_training_still_writes_summary(tmp_path: Path) -> None:
     assert summary["status"].startswith("interrupted")
     assert summary["totals"]["steps"] == 3
     assert monitor.meter is None, "meter closed after the failure"
+
+
+def test_metric_history_for_energy_to_target(tmp_path: Path) -> None:
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path))
+    fit(tmp_path, monitor, max_epochs=3)
+    history = read_summary(tmp_path / "energy_summary.json")["metric_history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert all("val_loss" in h["metrics"] for h in history)
+    energies = [h["energy_j"] for h in history]
+    assert energies == sorted(energies) and energies[0] > 0
+    assert history[-1]["elapsed_s"] > history[0]["elapsed_s"]

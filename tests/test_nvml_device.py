@@ -234,7 +234,9 @@ def test_sigkill_leaves_journal_and_next_guard_restores(sim, tmp_path: Path, cap
 
 
 def test_no_nvml_library_is_a_clear_error(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LD_LIBRARY", "LIGHTNING_SUSTAIN"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LD_LIBRARY", "LIGHTNING_SUSTAIN"))
+    }
     code = (
         "from lightning_sustain.energy.nvml import NvmlGpu\n"
         "from lightning_sustain.energy.errors import DeviceUnavailableError\n"

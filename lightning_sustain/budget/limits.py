@@ -93,7 +93,9 @@ def restore_orphaned_limits(devices: Iterable[NvmlGpu]) -> list[str]:
             try:
                 gpu.set_power_limit_w(float(entry["original_w"]))
             except (PowerLimitError, KeyError, ValueError) as exc:
-                logger.warning("Could not restore the orphaned power limit of %s: %s", gpu.uuid, exc)
+                logger.warning(
+                    "Could not restore the orphaned power limit of %s: %s", gpu.uuid, exc
+                )
                 continue
             logger.warning(
                 "GPU %s was left capped by process %s, which no longer runs; its power limit "

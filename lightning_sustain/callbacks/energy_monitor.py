@@ -56,6 +56,47 @@ logger = logging.getLogger(__name__)
 _METRIC_PREFIX = "energy/"
 
 
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: a fast path for the usual shapes, Lightning's helper otherwise."""
+    kind = type(batch)
+    first = None
+    if kind is tuple or kind is list:
+        first = batch[0] if batch else None
+    elif kind is dict:
+        first = next(iter(batch.values()), None)
+    elif kind is torch.Tensor:
+        first = batch
+    if type(first) is torch.Tensor and first.dim() > 0:
+        return first.shape[0]
+    try:
+        return extract_batch_size(batch)
+    except Exception:
+        return 0
+
+
+def _sum_histories(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Cluster-wide metric history: rank 0's entries with energy summed over ranks."""
+    if not histories:
+        return []
+    merged = [dict(entry) for entry in histories[0]]
+    for other in histories[1:]:
+        for entry, extra in zip(merged, other, strict=False):
+            entry["energy_j"] += extra["energy_j"]
+            entry["co2e_g"] += extra["co2e_g"]
+    return merged
+
+
+def end_is_late(end: Any, last_flush_s: float) -> bool:
+    """True when a host timestamp is more than 30 s after the last flush."""
+    return isinstance(end, float) and end - last_flush_s > 30.0
+
+
 class _CudaClock:
     """Step boundaries as CUDA events, converted to host time once they completed."""
 
@@ -169,13 +210,19 @@ class EnergyMonitor(Callback):
 
     def _reset_run_state(self) -> None:
         self._t0_s: float | None = None
-        self._fit_start_s: float | None = None
+        self._fit_start_mark: int | None = None
+        self._last_flush_s = time.monotonic()
+        self._metric_marks: list[tuple[int, dict[str, Any]]] = []
+        self._metric_history: list[dict[str, Any]] = []
         self._batch_start: Any = None
         self._last_boundary: Any = None
-        self._phase_start_s: dict[str, float] = {}
+        self._phase_start: dict[str, int] = {}
         self._phase_steps: dict[str, int] = {}
         self._phase_samples: dict[str, int] = {}
         self._steps_seen = 0
+        self._batch_offset = 0
+        self._epoch = 0
+        self._log_every = 50
         self._window_energy_j = 0.0
         self._window_duration_s = 0.0
         self._last_cluster: dict[str, float] = {}
@@ -249,11 +296,13 @@ class EnergyMonitor(Callback):
             # (a hardware counter may take one update period, ~100 ms, to show a change)
             self.meter.wait_until_covered(time.monotonic(), timeout_s=0.5)
         self._start_run(trainer)
-        self._fit_start_s = self._t0_s
+        if self.accountant is not None and self._t0_s is not None:
+            self._fit_start_mark = self.accountant.mark(self._t0_s)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fit_start_s is not None and self.accountant is not None:
-            self.accountant.record_interval("fit", self._fit_start_s, time.monotonic())
+        if self._fit_start_mark is not None and self.accountant is not None:
+            end = self.accountant.mark(time.monotonic())
+            self.accountant.record_interval("fit", self._fit_start_mark, end)
         self._finish_run(trainer, status="completed")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,24 +323,45 @@ class EnergyMonitor(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_phase("validation")
+        if not trainer.sanity_checking and self.accountant is not None:
+            values = {
+                name: float(value)
+                for name, value in trainer.callback_metrics.items()
+                if _is_scalar(value) and not name.startswith(("power_W", "energy_Wh"))
+            }
+            if values:
+                mark = self.accountant.mark(time.monotonic())
+                payload = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+                self._metric_marks.append((mark, dict(payload, metrics=values)))
         if trainer.state.fn == "validate":
             self._finish_run(trainer, status="completed")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._phase_steps["validation"] = self._phase_steps.get("validation", 0) + 1
+        self._maybe_flush_by_time()
+
+    def _maybe_flush_by_time(self) -> None:
+        # keep marks resolved while they are inside the meter's history, however long
+        # a phase runs without a training step
+        if self.accountant is not None and time.monotonic() - self._last_flush_s > 30.0:
+            self._last_flush_s = time.monotonic()
+            self._convert_cuda_boundaries()
+            self.accountant.resolve()
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._phase_steps["test"] = self._phase_steps.get("test", 0) + 1
 
     def _begin_phase(self, phase: str) -> None:
-        self._phase_start_s[phase] = time.monotonic()
+        if self.accountant is not None:
+            self._phase_start[phase] = self.accountant.mark(time.monotonic())
         self._phase_steps[phase] = 0
 
     def _end_phase(self, phase: str) -> None:
-        start = self._phase_start_s.pop(phase, None)
+        start = self._phase_start.pop(phase, None)
         if start is not None and self.accountant is not None:
             steps = self._phase_steps.pop(phase, 0)
-            self.accountant.record_interval(phase, start, time.monotonic(), steps=steps)
+            end = self.accountant.mark(time.monotonic())
+            self.accountant.record_interval(phase, start, end, steps=steps)
 
     # -- hot path ----------------------------------------------------------------------
     def on_train_batch_start(
@@ -312,22 +382,28 @@ class EnergyMonitor(Callback):
         end = clock.mark() if clock is not None else time.monotonic()
         start = self._last_boundary if self._last_boundary is not None else self._batch_start
         self._last_boundary = end
-        try:
-            samples = extract_batch_size(batch)
-        except Exception:
-            samples = 0
+        samples = _batch_size(batch)
         accountant = self.accountant
         if accountant is None:
             return
-        step = trainer.global_step - 1 if trainer.global_step > 0 else 0
+        step = self._batch_offset + self._steps_seen
         if clock is not None:
-            self._pending_cuda.append((step, trainer.current_epoch, start, end, samples))
+            self._pending_cuda.append((step, self._epoch, start, end, samples))
         else:
-            accountant.record_step(step, trainer.current_epoch, start, end, samples)
+            accountant.record_step(step, self._epoch, start, end, samples)
         self._steps_seen += 1
-        every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
-        if self._steps_seen % every == 0 or accountant.needs_resolve():
+        if self._steps_seen % self._log_every == 0 or accountant.needs_resolve():
             self._flush(trainer, pl_module)
+        elif end_is_late(end, self._last_flush_s):
+            self._maybe_flush_by_time()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # read once here, not per step: trainer properties walk the loop objects
+        self._batch_offset = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        self._log_every = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
 
     # -- log intervals -----------------------------------------------------------------
     def _convert_cuda_boundaries(self, wait: bool = False) -> None:
@@ -357,6 +433,7 @@ class EnergyMonitor(Callback):
         accountant = self.accountant
         if accountant is None:
             return
+        self._last_flush_s = time.monotonic()
         self._convert_cuda_boundaries()
         accountant.resolve()
         if self._window_duration_s > 0:
@@ -426,10 +503,11 @@ class EnergyMonitor(Callback):
         accountant = self.accountant
         if accountant is None or self._t0_s is None:
             return
-        for phase in list(self._phase_start_s):
+        for phase in list(self._phase_start):
             self._end_phase(phase)
         self._convert_cuda_boundaries(wait=True)
         accountant.resolve(wait=True)
+        self._resolve_metric_history()
         local = self._local_summary(trainer)
         ranks = self._gather(trainer, local)
         summary = self._build_summary(trainer, ranks, status)
@@ -449,6 +527,32 @@ class EnergyMonitor(Callback):
             self._trace_writer.close()
             self._trace_writer = None
         self._t0_s = None
+
+    def _resolve_metric_history(self) -> None:
+        accountant = self.accountant
+        if accountant is None or self._fit_start_mark is None:
+            return
+        start = accountant.energy_at_mark(self._fit_start_mark)
+        start_t = accountant.time_of_mark(self._fit_start_mark)
+        if start is None or start_t is None:
+            return
+        prior_j = self._prior["fit"].energy_j
+        prior_s = self._prior["fit"].duration_s
+        for mark, payload in self._metric_marks:
+            at = accountant.energy_at_mark(mark)
+            t_s = accountant.time_of_mark(mark)
+            if at is None or t_s is None:
+                continue
+            energy_j = prior_j + sum(at[d] - start.get(d, 0.0) for d in at)
+            self._metric_history.append(
+                dict(
+                    payload,
+                    energy_j=energy_j,
+                    co2e_g=co2e_g(energy_j, self.carbon, self.pue),
+                    elapsed_s=prior_s + t_s - start_t,
+                )
+            )
+        self._metric_marks = []
 
     def _local_summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         assert self.accountant is not None and self.meter is not None
@@ -473,6 +577,7 @@ class EnergyMonitor(Callback):
             ],
             "phases": totals_to_dict(totals),
             "failures": self.meter.failures(),
+            "metric_history": list(self._metric_history),
         }
 
     @staticmethod
@@ -558,6 +663,9 @@ class EnergyMonitor(Callback):
                 for r in ranks
             ],
             "world_size": trainer.world_size,
+            # energy (this rank, plus checkpointed totals) when each validation finished;
+            # used for energy-to-target in the report
+            "metric_history": _sum_histories([r.get("metric_history", []) for r in ranks]),
         }
 
     @property

@@ -8,10 +8,12 @@ curves at the recorded boundaries for every step whose end the curves already co
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_sustain.energy.attribution import StepAttribution
 from lightning_sustain.energy.meter import EnergyMeter
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,9 @@ class EnergyAccountant:
         meter: the meter whose curves answer the queries.
         on_steps: called with every batch of newly resolved steps (e.g. a trace writer).
         max_pending: resolve early once this many steps wait (bounds memory).
+        attribute_short_steps: split energy among steps shorter than two counter updates
+            with :class:`~lightning_sustain.energy.attribution.StepAttribution` instead of
+            plain interpolation (totals are unchanged).
     """
 
     def __init__(
@@ -135,13 +140,20 @@ class EnergyAccountant:
         meter: EnergyMeter,
         on_steps: Callable[[list[StepEnergy]], None] | None = None,
         max_pending: int = 4096,
+        attribute_short_steps: bool = True,
     ) -> None:
         self.meter = meter
         self.on_steps = on_steps
         self.max_pending = max_pending
+        self.attribute_short_steps = attribute_short_steps
+        self._attribution: dict[str, StepAttribution] = {}
         self.totals: dict[str, PhaseTotals] = empty_totals()
         self._pending_steps: list[tuple[int, int, float, float, int]] = []
-        self._pending_intervals: list[tuple[str, float, float, int, int]] = []
+        self._pending_intervals: list[tuple[str, int, int, int, int]] = []
+        self._pending_marks: list[tuple[int, float]] = []
+        self._marks: dict[int, dict[str, float]] = {}
+        self._mark_times: dict[int, float] = {}
+        self._next_mark = 0
         self.last_resolved: list[StepEnergy] = []
 
     # -- hot path ---------------------------------------------------------------------
@@ -160,13 +172,33 @@ class EnergyAccountant:
         """True when the pending list reached ``max_pending``."""
         return len(self._pending_steps) >= self.max_pending
 
+    def mark(self, t_s: float) -> int:
+        """Remember a moment whose cumulative energy is wanted (phase starts and ends,
+        metric evaluations); returns an id for :meth:`energy_at_mark`.
+
+        Marks are evaluated at the next :meth:`resolve` that covers them, while the
+        moment is still inside the meter's history, so intervals of any length are exact.
+        """
+        mark_id = self._next_mark
+        self._next_mark += 1
+        self._pending_marks.append((mark_id, t_s))
+        return mark_id
+
+    def energy_at_mark(self, mark_id: int) -> dict[str, float] | None:
+        """Cumulative energy per device at a resolved mark (None while pending)."""
+        return self._marks.get(mark_id)
+
+    def time_of_mark(self, mark_id: int) -> float | None:
+        """The moment a mark stands for."""
+        return self._mark_times.get(mark_id)
+
     def record_interval(
-        self, phase: str, start_s: float, end_s: float, steps: int = 0, samples: int = 0
+        self, phase: str, start_mark: int, end_mark: int, steps: int = 0, samples: int = 0
     ) -> None:
-        """Remember a whole phase interval (validation run, test run, the whole fit)."""
+        """Add the energy between two marks to a phase (validation, test, the whole fit)."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        self._pending_intervals.append((phase, start_s, end_s, steps, samples))
+        self._pending_intervals.append((phase, start_mark, end_mark, steps, samples))
 
     # -- resolution -------------------------------------------------------------------
     def resolve(self, wait: bool = False, timeout_s: float = 2.0) -> list[StepEnergy]:
@@ -181,15 +213,13 @@ class EnergyAccountant:
         Returns:
             The steps resolved by this call, oldest first.
         """
-        latest_end = max(
-            [s[3] for s in self._pending_steps] + [i[2] for i in self._pending_intervals],
-            default=None,
-        )
-        if latest_end is None:
+        pending_times = [s[3] for s in self._pending_steps] + [t for _, t in self._pending_marks]
+        if not pending_times and not self._pending_intervals:
             self.last_resolved = []
             return []
         if wait:
-            self.meter.wait_until_covered(latest_end, timeout_s=timeout_s)
+            if pending_times:
+                self.meter.wait_until_covered(max(pending_times), timeout_s=timeout_s)
             covered_until = float("inf")
         else:
             covered = self.meter.latest_time_s()
@@ -202,14 +232,26 @@ class EnergyAccountant:
         ready = [s for s in self._pending_steps if s[3] <= covered_until]
         self._pending_steps = [s for s in self._pending_steps if s[3] > covered_until]
         resolved = self._resolve_steps(ready)
-        ready_intervals = [i for i in self._pending_intervals if i[2] <= covered_until]
-        self._pending_intervals = [i for i in self._pending_intervals if i[2] > covered_until]
-        for phase, start_s, end_s, steps, samples in ready_intervals:
+        ready_marks = [m for m in self._pending_marks if m[1] <= covered_until]
+        self._pending_marks = [m for m in self._pending_marks if m[1] > covered_until]
+        if ready_marks:
+            curves = self.meter.energy_at([t for _, t in ready_marks])
+            for k, (mark_id, t_s) in enumerate(ready_marks):
+                self._marks[mark_id] = {device: values[k] for device, values in curves.items()}
+                self._mark_times[mark_id] = t_s
+        still_pending = []
+        for interval in self._pending_intervals:
+            phase, start_mark, end_mark, steps, samples = interval
+            start, end = self._marks.get(start_mark), self._marks.get(end_mark)
+            if start is None or end is None:
+                still_pending.append(interval)
+                continue
             totals = self.totals[phase]
-            totals.add_energy(self.meter.energy_between(start_s, end_s))
-            totals.duration_s += end_s - start_s
+            totals.add_energy({d: end[d] - start.get(d, 0.0) for d in end})
+            totals.duration_s += self._mark_times[end_mark] - self._mark_times[start_mark]
             totals.steps += steps
             totals.samples += samples
+        self._pending_intervals = still_pending
         if resolved and self.on_steps is not None:
             self.on_steps(resolved)
         self.last_resolved = resolved
@@ -222,12 +264,16 @@ class EnergyAccountant:
         for _step, _epoch, start_s, end_s, _samples in ready:
             times.extend((start_s, end_s))
         curves = self.meter.energy_at(times)
+        per_step: dict[str, list[float]] = {
+            device_id: [values[2 * k + 1] - values[2 * k] for k in range(len(ready))]
+            for device_id, values in curves.items()
+        }
+        if self.attribute_short_steps:
+            self._attribute(ready, per_step)
         train = self.totals["train"]
         resolved: list[StepEnergy] = []
         for k, (step, epoch, start_s, end_s, samples) in enumerate(ready):
-            per_device = {
-                device_id: values[2 * k + 1] - values[2 * k] for device_id, values in curves.items()
-            }
+            per_device = {device_id: values[k] for device_id, values in per_step.items()}
             energy_j = float(sum(per_device.values()))
             resolved.append(StepEnergy(step, epoch, start_s, end_s, energy_j, per_device, samples))
             train.add_energy(per_device)
@@ -235,3 +281,25 @@ class EnergyAccountant:
             train.steps += 1
             train.samples += samples
         return resolved
+
+    def _attribute(
+        self, ready: list[tuple[int, int, float, float, int]], per_step: dict[str, list[float]]
+    ) -> None:
+        bounds = [(start_s, end_s) for _s, _e, start_s, end_s, _n in ready]
+        durations = [end_s - start_s for start_s, end_s in bounds]
+        if len(bounds) < 2:
+            return
+        median_step_s = statistics.median(durations)
+        for stream in self.meter.streams:
+            device_id = stream.info.device_id
+            if device_id not in per_step or stream.failure is not None:
+                continue
+            times, energies = stream.points_between(bounds[0][0], bounds[-1][1])
+            if len(times) < 3:
+                continue
+            update_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+            if median_step_s >= 2 * update_s:
+                continue  # steps span several updates: interpolation is already exact
+            model = self._attribution.setdefault(device_id, StepAttribution())
+            model.update(bounds, times, energies)
+            per_step[device_id] = model.split(sum(per_step[device_id]), durations)

@@ -142,6 +142,14 @@ class DeviceStream:
                     out.append(e0 + (e1 - e0) * (t - t0) / (t1 - t0))
             return out
 
+    def points_between(self, t0_s: float, t1_s: float) -> tuple[list[float], list[float]]:
+        """The curve's points in ``[t0_s, t1_s]`` plus one on each side, if any."""
+        with self._lock:
+            ts, es = self._times_s, self._energies_j
+            lo = max(0, bisect.bisect_left(ts, t0_s) - 1)
+            hi = min(len(ts), bisect.bisect_right(ts, t1_s) + 1)
+            return ts[lo:hi], es[lo:hi]
+
     def mean_power_w(self, t0_s: float, t1_s: float) -> float | None:
         """Mean power between two times from the curve, in watts."""
         if t1_s <= t0_s:
@@ -160,9 +168,7 @@ class _Sampler:
         self._stop = threading.Event()
         self._wake = threading.Event()
 
-    def register(
-        self, device: EnergyDevice, interval_s: float, history_s: float
-    ) -> DeviceStream:
+    def register(self, device: EnergyDevice, interval_s: float, history_s: float) -> DeviceStream:
         with self.lock:
             stream = self.streams.get(device.info.device_id)
             if stream is None:

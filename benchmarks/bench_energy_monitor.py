@@ -1,0 +1,250 @@
+"""EnergyMonitor benchmarks (issue 2): overhead, accuracy, memory.
+
+Run:  .venv/bin/python benchmarks/bench_energy_monitor.py [overhead|accuracy|memory|all]
+
+Everything runs on CPU against the simulated NVML device (1 GPU, counter updating every
+100 ms), so every energy figure printed here is SIMULATED. A and B are interleaved and
+medians are quoted, since the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_sustain import EnergyMonitor  # noqa: E402
+from lightning_sustain.testing import SimulatedNVML  # noqa: E402
+
+
+class Model(pl.LightningModule):
+    """An MLP sized so that one CPU step takes about 2 ms; optional simulated GPU work."""
+
+    def __init__(self, width: int = 256, sim: SimulatedNVML | None = None, busy_s: float = 0.0):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+            torch.nn.ReLU(), torch.nn.Linear(width, 2),
+        )  # fmt: skip
+        self.sim, self.busy_s = sim, busy_s
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.sim is not None and self.busy_s:
+            self.sim.busy(0, self.busy_s)
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def data(n_batches: int, batch: int = 64) -> DataLoader:
+    x = torch.randn(n_batches * batch, 64)
+    y = (x[:, 0] > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def trainer(steps: int, callbacks: list, root: str) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        log_every_n_steps=50,
+    )  # fmt: skip
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the 50th step on (skips warm-up)."""
+
+    def __init__(self) -> None:
+        self.t_start = None
+        self.t_end = None
+        self.n = 0
+
+    def on_train_batch_end(self, trainer, *args):
+        self.n += 1
+        if self.n == 50:
+            self.t_start = time.perf_counter()
+        self.t_end = time.perf_counter()
+
+    def steps_per_s(self) -> float:
+        return (self.n - 50) / (self.t_end - self.t_start)
+
+
+def bench_overhead(pairs: int = 7, steps: int = 800) -> dict:
+    torch.set_num_threads(1)
+    sim = SimulatedNVML(1).install()
+    loader = data(steps)
+    ratios, with_tp, without_tp = [], [], []
+    with tempfile.TemporaryDirectory() as root:
+        for i in range(pairs):
+            results = {}
+            order = ("with", "without") if i % 2 == 0 else ("without", "with")
+            for variant in order:
+                timer = StepTimer()
+                cbs = [timer] + ([EnergyMonitor(output_dir=root)] if variant == "with" else [])
+                torch.manual_seed(0)
+                trainer(steps, cbs, root).fit(Model(), loader)
+                results[variant] = timer.steps_per_s()
+            with_tp.append(results["with"])
+            without_tp.append(results["without"])
+            ratios.append(results["with"] / results["without"])
+    # hot-path cost: the two per-step hooks called directly, as Lightning calls them
+    monitor = EnergyMonitor()
+
+    class _T:  # the attributes the hooks read
+        global_step = 1
+        current_epoch = 0
+        log_every_n_steps = 10**9
+
+    from lightning_sustain.energy.accounting import EnergyAccountant
+    from lightning_sustain.energy.meter import EnergyMeter
+
+    monitor.meter = EnergyMeter([])
+    monitor.accountant = EnergyAccountant(monitor.meter, max_pending=10**9)
+    batch = (torch.zeros(64, 64), torch.zeros(64))
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        monitor.on_train_batch_start(_T, None, batch, 0)
+        monitor.on_train_batch_end(_T, None, None, batch, 0)
+    hot_path_us = (time.perf_counter() - t0) / n * 1e6
+    monitor.meter.close()
+    sim.uninstall()
+    step_ms = 1000.0 / statistics.median(without_tp)
+    return {
+        "step_ms_without_monitor": round(step_ms, 3),
+        "throughput_with_per_s": round(statistics.median(with_tp), 1),
+        "throughput_without_per_s": round(statistics.median(without_tp), 1),
+        "throughput_ratio_median": round(statistics.median(ratios), 4),
+        "throughput_ratios": [round(r, 4) for r in ratios],
+        "hot_path_us_per_step": round(hot_path_us, 2),
+        "target": ">= 0.99",
+    }
+
+
+class GroundTruth(pl.Callback):
+    """Ground-truth energy at the monitor's step boundaries (simulated device readout)."""
+
+    def __init__(self, sim: SimulatedNVML) -> None:
+        self.sim = sim
+        self.samples: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, *args):
+        self.samples.append(self.sim.ground_truth_sample(0))
+
+
+def bench_accuracy(steps: int = 600, busy_s: float = 0.02) -> dict:
+    sim = SimulatedNVML(1, counter_period_s=0.1).install()
+    with tempfile.TemporaryDirectory() as root:
+        monitor = EnergyMonitor(output_dir=root, cpu="none")
+        truth = GroundTruth(sim)
+        marks: dict[str, tuple[float, float]] = {}
+
+        class FitTruth(pl.Callback):
+            def on_fit_start(self, trainer, pl_module):
+                marks["start"] = sim.ground_truth_sample(0)
+
+            def on_fit_end(self, trainer, pl_module):
+                marks["end"] = sim.ground_truth_sample(0)
+
+        # order matters: FitTruth's on_fit_start runs after the monitor's, its on_fit_end
+        # before the monitor closes the fit interval; both within microseconds
+        cbs = [monitor, FitTruth(), truth]
+        trainer(steps, cbs, root).fit(Model(sim=sim, busy_s=busy_s), data(steps))
+        summary = json.loads((Path(root) / "energy_summary.json").read_text())
+        trace = (Path(root) / "energy_trace.csv").read_text().splitlines()[1:]
+    sim.uninstall()
+    measured_fit_j = summary["totals"]["energy_j"]
+    truth_fit_j = marks["end"][1] - marks["start"][1]
+    step_energy = [float(line.split(",")[7]) for line in trace]
+    # ground truth per step: differences between consecutive boundary samples; step 0's
+    # start is not sampled, so compare steps 1..n-1
+    gt = [b[1] - a[1] for a, b in zip(truth.samples, truth.samples[1:], strict=False)]
+    errors = [abs(m - g) / g for m, g in zip(step_energy[1:], gt, strict=False) if g > 0]
+    return {
+        "provenance": summary["provenance"],
+        "run_total_measured_j": round(measured_fit_j, 3),
+        "run_total_truth_j": round(truth_fit_j, 3),
+        "run_total_error_pct": round(100 * (measured_fit_j - truth_fit_j) / truth_fit_j, 3),
+        "per_step_median_abs_error_pct": round(100 * statistics.median(errors), 3),
+        "per_step_p90_abs_error_pct": round(100 * sorted(errors)[int(0.9 * len(errors))], 3),
+        "steps_compared": len(errors),
+        "targets": "run total within 0.5 %, per-step median within 5 %",
+    }
+
+
+MEMORY_CHILD = """
+import json, resource, sys, tempfile
+sys.path.insert(0, {repo!r})
+from benchmarks.bench_energy_monitor import Model, data, trainer
+from lightning_sustain import EnergyMonitor
+from lightning_sustain.testing import SimulatedNVML
+import torch
+torch.set_num_threads(1)
+steps = {steps}
+sim = SimulatedNVML(1).install()
+with tempfile.TemporaryDirectory() as root:
+    class Small(Model):
+        def __init__(self):
+            super().__init__(width=8)
+    loader = data(1000, batch=8)
+    epochs = (steps + 999) // 1000
+    t = trainer(steps, [EnergyMonitor(output_dir=root)], root)
+    t.fit_loop.max_epochs = epochs
+    t.fit(Small(), loader)
+print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+"""
+
+
+def bench_memory(long_steps: int = 100_000, short_steps: int = 1_000) -> dict:
+    results = {}
+    for steps in (short_steps, long_steps):
+        code = MEMORY_CHILD.format(repo=str(REPO), steps=steps)
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+        results[steps] = (json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"],
+                          time.perf_counter() - t0)  # fmt: skip
+    delta_mb = (results[long_steps][0] - results[short_steps][0]) / 1024
+    return {
+        f"peak_rss_{short_steps}_steps_mb": round(results[short_steps][0] / 1024, 1),
+        f"peak_rss_{long_steps}_steps_mb": round(results[long_steps][0] / 1024, 1),
+        "delta_mb": round(delta_mb, 2),
+        "long_run_wall_s": round(results[long_steps][1], 1),
+        "target": "delta within 5 MB",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=["overhead", "accuracy", "memory", "all"])  # fmt: skip
+    args = parser.parse_args()
+    print(f"machine: {os.uname().nodename}, {os.cpu_count()} cores, torch {torch.__version__}")
+    if args.what in ("overhead", "all"):
+        print("overhead:", json.dumps(bench_overhead(), indent=1))
+    if args.what in ("accuracy", "all"):
+        print("accuracy (simulated device):", json.dumps(bench_accuracy(), indent=1))
+    if args.what in ("memory", "all"):
+        print("memory:", json.dumps(bench_memory(), indent=1))
+    _ = resource
+
+
+if __name__ == "__main__":
+    main()
