@@ -173,8 +173,9 @@ class EnergyAccountant:
         return len(self._pending_steps) >= self.max_pending
 
     def mark(self, t_s: float) -> int:
-        """Remember a moment whose cumulative energy is wanted (phase starts and ends,
-        metric evaluations); returns an id for :meth:`energy_at_mark`.
+        """Remember a moment whose cumulative energy is wanted; returns its id.
+
+        Used for phase starts and ends and metric evaluations (see :meth:`energy_at_mark`).
 
         Marks are evaluated at the next :meth:`resolve` that covers them, while the
         moment is still inside the meter's history, so intervals of any length are exact.
