@@ -15,7 +15,10 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS: dict[str, str] = {
     "EnergyMonitor": "lightning_sustain.callbacks.energy_monitor",
     "EnergyMeter": "lightning_sustain.energy.meter",
-    "get_meter": "lightning_sustain.energy.meter",
+    "EncryptedShardDataModule": "lightning_sustain.data.datamodule",
+    "ShardWriter": "lightning_sustain.data.writer",
+    "KeyProvider": "lightning_sustain.data.keys",
+    "KeyReference": "lightning_sustain.data.keys",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

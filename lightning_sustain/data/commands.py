@@ -1,0 +1,216 @@
+"""Command line tools: ``keygen``, ``encrypt``, ``verify`` and ``rotate-key``.
+
+Run as ``lightning-sustain <command> ...`` or ``python -m lightning_sustain.data <command>``.
+Keys are only ever passed by reference (``--key-env NAME``, ``--key-file PATH`` or
+``--key-prompt``); no command prints or logs a key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+
+from lightning_sustain.data.errors import (
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    KeyFormatError,
+    KeyReferenceError,
+    SchemaError,
+    ShardError,
+    WrongKeyError,
+)
+from lightning_sustain.data.keys import (
+    KeyProvider,
+    KeyReference,
+    MasterKey,
+    generate_key,
+    rotate_key,
+    write_key_file,
+)
+from lightning_sustain.data.reader import verify_dataset
+from lightning_sustain.data.writer import write_csv, write_npz
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_INTEGRITY = 1
+EXIT_USAGE = 2
+_USAGE_ERRORS = (
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    KeyFormatError,
+    KeyReferenceError,
+    SchemaError,
+    WrongKeyError,
+)
+
+
+class _PromptProvider(KeyProvider):
+    """Secret typed at the terminal; kept in this process only."""
+
+    def __init__(self, prompt: str, confirm: bool = False):
+        self._prompt = prompt
+        self._confirm = confirm
+        self._secret: bytes | None = None
+
+    def get_key(self) -> bytes:
+        if self._secret is None:
+            first = getpass.getpass(self._prompt)
+            if self._confirm and getpass.getpass("repeat: ") != first:
+                raise ValueError("the two entries differ")
+            self._secret = first.encode("utf-8")
+        return self._secret
+
+    def __repr__(self) -> str:
+        return "_PromptProvider()"
+
+    def __reduce__(self):
+        raise TypeError("a typed secret cannot be pickled")
+
+
+def _add_key_args(p: argparse.ArgumentParser, prefix: str = "", what: str = "master key") -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument(f"--{prefix}key-env", metavar="NAME",
+                   help=f"environment variable holding the {what} (hex/base64) or password")
+    g.add_argument(f"--{prefix}key-file", metavar="PATH",
+                   help=f"file holding the {what} or password")
+    g.add_argument(f"--{prefix}key-prompt", action="store_true",
+                   help="type the password (or key) at the terminal")
+
+
+def _key_ref(args: argparse.Namespace, prefix: str = "", confirm: bool = False) -> KeyReference:
+    attr = prefix.replace("-", "_")
+    if getattr(args, f"{attr}key_prompt"):
+        return KeyReference(provider=_PromptProvider(f"{prefix or 'current '}secret: ", confirm))
+    return KeyReference(env=getattr(args, f"{attr}key_env"), file=getattr(args, f"{attr}key_file"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-sustain",
+        description="Encrypted shard tools (AES-256-GCM frames, envelope keys).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create a random 256-bit master key file (mode 0600)")
+    p.add_argument("--out", required=True, metavar="PATH", help="key file to create")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = sub.add_parser("encrypt", help="encrypt a CSV or .npz file into one split")
+    p.add_argument("--input", required=True, metavar="PATH", help=".csv (header row) or .npz")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
+    p.add_argument("--split", default="train", help="split name (default: train)")
+    p.add_argument("--label", metavar="COLUMN", help="CSV label column (stored as field y)")
+    p.add_argument("--dataset-version", type=int, help="version (default: current + 1)")
+    p.add_argument("--password", action="store_true",
+                   help="new dataset: the secret is a password (scrypt)")
+    p.add_argument("--scrypt-n", type=int, default=1 << 17,
+                   help="scrypt cost N for --password (power of two, default 2**17)")
+    p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
+    p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_key_args(p)
+
+    p = sub.add_parser("verify", help="authenticate every frame; report the first bad one")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
+    p.add_argument("--split", action="append", help="split to check (repeatable; default all)")
+    _add_key_args(p)
+
+    p = sub.add_parser("rotate-key", help="rewrap the data key for a new master key")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
+    p.add_argument("--new-password", action="store_true", help="the new secret is a password")
+    _add_key_args(p)
+    _add_key_args(p, prefix="new-", what="new master key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one encrypted-shard command.
+
+    Args:
+        argv: Arguments after the program name, e.g. ``["verify", "--root", "d"]``.
+
+    Returns:
+        0 on success, 1 when data failed verification, 2 on a usage or key error.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except _USAGE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardError as exc:  # the data failed an integrity check
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INTEGRITY
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        key = generate_key()
+        path = write_key_file(args.out, key, overwrite=args.force)
+        print(f"wrote {path} (mode 0600), key id {MasterKey(key).key_id}")
+        return EXIT_OK
+    if args.command == "encrypt":
+        src = Path(args.input)
+        kwargs = dict(
+            dataset_version=args.dataset_version,
+            password=args.password,
+            scrypt_n=args.scrypt_n,
+            frame_nbytes=args.frame_kib * 1024,
+            shard_nbytes=args.shard_mib * 1024 * 1024,
+            progress=not args.no_progress,
+        )
+        key = _key_ref(args, confirm=args.password)
+        if src.suffix.lower() == ".npz":
+            if args.label:
+                raise ValueError("--label applies to CSV input only")
+            result = write_npz(args.root, args.split, src, key, **kwargs)
+        elif src.suffix.lower() == ".csv":
+            result = write_csv(args.root, args.split, src, key, label_column=args.label, **kwargs)
+        else:
+            raise ValueError(f"--input must be a .csv or .npz file, got {src.name!r}")
+        print(
+            f"encrypted {result.num_samples} samples into {result.num_shards} shard(s), "
+            f"{result.num_frames} frame(s): {result.root}/{result.split} version "
+            f"{result.dataset_version}, key id {result.key_id}"
+        )
+        return EXIT_OK
+    if args.command == "verify":
+        report = verify_dataset(args.root, _key_ref(args), args.split)
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if not report.ok:
+            for e in report.errors:
+                print(f"FAILED: {e}")
+            first = report.first_error
+            where = f"{first.shard} frame {first.frame}" if first is not None else "?"
+            print(f"verification failed; first bad: {where}")
+            return EXIT_INTEGRITY
+        print(
+            f"OK: {report.frames} frames in {report.shards} shard(s) of split(s) "
+            f"{', '.join(report.splits)} authenticated ({report.samples} samples), "
+            f"key id {report.key_id}"
+        )
+        return EXIT_OK
+    if args.command == "rotate-key":
+        ring = rotate_key(
+            args.root,
+            _key_ref(args),
+            _key_ref(args, prefix="new-", confirm=args.new_password),
+            new_uses_password=args.new_password,
+        )
+        print(f"rotated {args.root}: data key now wrapped for key id {ring.key_id}")
+        return EXIT_OK
+    raise AssertionError(args.command)  # pragma: no cover

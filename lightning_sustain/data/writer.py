@@ -1,0 +1,578 @@
+"""Atomic writer of encrypted shards from numpy arrays, a torch Dataset, CSV or ``.npz``.
+
+A split is written into a hidden staging directory next to its final place and moved
+there with ``rename`` only after every shard and the manifest are on disk and fsynced; an
+interrupted write leaves at most a hidden ``.<split>.incomplete-*`` directory that no
+reader opens and that the next write of the split removes. Only ciphertext is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_sustain.data.codec import Schema, encode_frame, infer_schema, to_columns
+from lightning_sustain.data.errors import EmptyDatasetError, SchemaError, ShardError
+from lightning_sustain.data.format import (
+    CIPHER_AES_256_GCM,
+    CIPHER_NONE,
+    FRAME_OVERHEAD,
+    MANIFEST_NAME,
+    SHARD_HEADER,
+    Manifest,
+    ShardHeader,
+    ShardInfo,
+    check_split_name,
+    frame_aad,
+    parse_manifest_header,
+    seal_frame,
+)
+from lightning_sustain.data.keys import (
+    KEYRING_NAME,
+    DataKey,
+    KeyReference,
+    Keyring,
+    MasterKey,
+    load_keyring,
+    scrypt_kdf_params,
+)
+
+__all__ = [
+    "ShardWriter",
+    "WriteResult",
+    "write_arrays",
+    "write_csv",
+    "write_npz",
+    "write_torch_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FRAME_NBYTES = 64 * 1024
+DEFAULT_SHARD_NBYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class WriteResult:
+    """What :class:`ShardWriter` wrote.
+
+    Attributes:
+        root: Dataset root.
+        split: Split name.
+        dataset_id: Dataset id (hex).
+        dataset_version: Version written.
+        key_id: Id of the master key the data key is wrapped for.
+        num_samples: Samples written.
+        num_shards: Shard files written.
+        num_frames: Frames written.
+        bytes_written: Bytes of shards and manifest.
+    """
+
+    root: str
+    split: str
+    dataset_id: str
+    dataset_version: int
+    key_id: str
+    num_samples: int
+    num_shards: int
+    num_frames: int
+    bytes_written: int
+
+
+def _progress(total: int | None, enabled: bool, desc: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with lightning
+        return None
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="samples", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Write one split of an encrypted dataset.
+
+    Use as a context manager: leaving the block normally commits the split atomically,
+    leaving it with an exception discards everything written::
+
+        with ShardWriter("data/", "train", KeyReference(file="master.key")) as w:
+            w.write_columns({"x": x, "y": y})
+
+    Args:
+        root: Dataset root. Created if needed. If it already holds a keyring, the key must
+            unwrap it and the split joins that dataset (same dataset id and data key).
+        split: Split name (``train``, ``val``, ...), also its directory name.
+        key: Master key reference (or :class:`MasterKey`). For a new dataset with
+            ``password=True`` the referenced secret is a password (scrypt, salt stored).
+        dataset_version: Version to write; default: the split's current version + 1, or 1.
+            Must exceed the current version so old shards cannot be replayed.
+        feature_names: Names of the feature columns, stored in the authenticated schema.
+        frame_nbytes: Target plaintext bytes per frame (tens of KiB: random-access unit).
+        shard_nbytes: Target bytes per shard file.
+        password: Derive the master key from a password (new datasets only).
+        scrypt_n: scrypt cost for new password datasets (power of two).
+        progress: Show a progress bar on stderr.
+        total: Expected samples, for the progress bar.
+
+    Raises:
+        ValueError: Bad split name or sizes.
+        ShardError: The key does not open an existing dataset, or the version is not newer.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str,
+        key: KeyReference | MasterKey,
+        *,
+        dataset_version: int | None = None,
+        feature_names: Sequence[str] | None = None,
+        frame_nbytes: int = DEFAULT_FRAME_NBYTES,
+        shard_nbytes: int = DEFAULT_SHARD_NBYTES,
+        password: bool = False,
+        scrypt_n: int = 1 << 17,
+        progress: bool = True,
+        total: int | None = None,
+        _unencrypted_baseline: bool = False,
+    ):
+        check_split_name(split)
+        if split in (KEYRING_NAME,) or split.startswith("."):
+            raise ValueError(f"split name {split!r} is reserved")
+        if not 256 <= frame_nbytes <= 1 << 30:
+            raise ValueError(f"frame_nbytes must be in 256..2**30, got {frame_nbytes}")
+        if shard_nbytes < frame_nbytes:
+            raise ValueError("shard_nbytes must be at least frame_nbytes")
+        self.root = Path(root)
+        self.split = split
+        self.frame_nbytes = int(frame_nbytes)
+        self.shard_nbytes = int(shard_nbytes)
+        self.feature_names = None if feature_names is None else [str(n) for n in feature_names]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cipher = CIPHER_NONE if _unencrypted_baseline else CIPHER_AES_256_GCM
+        self._new_keyring: Keyring | None = None
+        self._setup_keys(key, password, scrypt_n, _unencrypted_baseline)
+        self.dataset_version = self._pick_version(dataset_version)
+        for stale in self.root.glob(f".{split}.incomplete-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self._staging = self.root / f".{split}.incomplete-{uuid.uuid4().hex[:12]}"
+        self._staging.mkdir()
+        self._schema: Schema | None = None
+        self._pending: list[Mapping[str, Any]] = []
+        self._shards: list[ShardInfo] = []
+        self._fh: Any = None
+        self._held: bytes | None = None
+        self._frames: list[tuple[int, int, int]] = []
+        self._shard_samples = 0
+        self._pos = 0
+        self._num_samples = 0
+        self._bytes = 0
+        self._closed = False
+        self._bar = _progress(total, progress, f"encrypt {split}")
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _setup_keys(self, key: Any, password: bool, scrypt_n: int, plain: bool) -> None:
+        if plain:
+            self._data_key, self._aead = None, None
+            self.dataset_id, self.key_id = os.urandom(16), "none"
+            if (self.root / KEYRING_NAME).exists():
+                self.dataset_id = load_keyring(self.root).dataset_id
+            return
+        if not isinstance(key, (KeyReference, MasterKey)):
+            raise TypeError(
+                f"key must be a KeyReference or MasterKey, got {type(key).__name__}"
+            )
+        if (self.root / KEYRING_NAME).exists():
+            ring = load_keyring(self.root)
+            master = key if isinstance(key, MasterKey) else ring.master_key(key)
+            data_key = ring.unwrap(master, str(self.root))
+            self.dataset_id, self.key_id = ring.dataset_id, ring.key_id
+        else:
+            if password and isinstance(key, MasterKey):
+                raise ValueError("password=True needs a KeyReference to the password")
+            kdf = scrypt_kdf_params(n=scrypt_n) if password else {"name": "raw"}
+            self.dataset_id = os.urandom(16)
+            template = Keyring(self.dataset_id, "0" * 16, kdf, b"", b"")
+            master = key if isinstance(key, MasterKey) else template.master_key(key)
+            data_key = DataKey.generate()
+            self._new_keyring = Keyring.wrap(data_key, master, self.dataset_id, kdf)
+            self.key_id = master.key_id
+        self._data_key = data_key
+        self._aead = data_key.aead()
+
+    def _pick_version(self, requested: int | None) -> int:
+        current = None
+        manifest = self.root / self.split / MANIFEST_NAME
+        if manifest.exists():
+            try:
+                current = parse_manifest_header(
+                    manifest.read_bytes(), f"{self.split}/{MANIFEST_NAME}"
+                ).dataset_version
+            except ShardError:
+                current = None
+        if requested is None:
+            return 1 if current is None else current + 1
+        if type(requested) is not int or not 1 <= requested < 1 << 32:
+            raise ValueError(f"dataset_version must be an integer in 1..2**32-1, got {requested}")
+        if current is not None and requested <= current:
+            raise ValueError(
+                f"split {self.split!r} already exists at version {current}; write version "
+                f"{current + 1} or higher (or omit dataset_version) so that shards of the old "
+                "version cannot be replayed into the new one"
+            )
+        return requested
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Append one sample (dict of numpy arrays / tensors / numeric scalars)."""
+        if self._schema is None:
+            self._schema = infer_schema(sample, self.feature_names)
+        self._pending.append(sample)
+        if len(self._pending) >= self._per_frame():
+            cols = to_columns(self._schema, self._pending)
+            self._pending = []
+            self._emit(cols, 0, len(next(iter(cols.values()))))
+
+    def write_columns(self, columns: Mapping[str, Any]) -> None:
+        """Append many samples given as one array per field (leading axis = sample)."""
+        cols = {}
+        for name, value in columns.items():
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            cols[name] = np.asarray(value)
+        if not cols:
+            raise SchemaError("write_columns needs at least one column")
+        lengths = {name: (a.shape[0] if a.ndim else -1) for name, a in cols.items()}
+        if len(set(lengths.values())) != 1 or -1 in lengths.values():
+            raise SchemaError(f"columns must share their first (sample) axis, got {lengths}")
+        n = next(iter(lengths.values()))
+        if n == 0:
+            return
+        if self._schema is None:
+            # a 1-D column holds one scalar per sample
+            self._schema = infer_schema({k: a[0] for k, a in cols.items()}, self.feature_names)
+        if set(cols) != set(self._schema.names):
+            raise SchemaError(
+                f"columns {sorted(cols)} differ from the dataset schema {self._schema.names}"
+            )
+        for f in self._schema.fields:
+            a = cols[f.name]
+            if a.shape[1:] != f.shape:
+                raise SchemaError(
+                    f"column {f.name!r} has per-sample shape {a.shape[1:]}, schema has {f.shape}"
+                )
+            if a.dtype.name != f.dtype:
+                if not np.can_cast(a.dtype, f.dtype, "same_kind"):
+                    raise SchemaError(f"column {f.name!r} has dtype {a.dtype}, schema {f.dtype}")
+            cols[f.name] = np.ascontiguousarray(a, dtype=f.np_dtype)
+        if self._pending:
+            for i in range(n):
+                self.write({k: v[i] for k, v in cols.items()})
+            return
+        k = self._per_frame()
+        for start in range(0, n - n % k, k):
+            self._emit(cols, start, start + k)
+        rest = n % k
+        if rest:
+            self._pending.extend(
+                {name: cols[name][i] for name in cols} for i in range(n - rest, n)
+            )
+
+    def _per_frame(self) -> int:
+        assert self._schema is not None
+        return max(1, self.frame_nbytes // max(1, self._schema.record_nbytes))
+
+    def _emit(self, cols: Mapping[str, np.ndarray], start: int, stop: int) -> None:
+        assert self._schema is not None
+        plaintext = encode_frame(self._schema, cols, start, stop)
+        if self._fh is None:
+            self._open_shard()
+        # The last-frame flag is known only when the shard closes, so one frame is held
+        # back: sealing the previous frame now (it is not the last one).
+        if self._held is not None:
+            self._write_sealed(self._held, len(self._frames) - 1, last=False)
+        self._held = plaintext
+        length = len(plaintext) + FRAME_OVERHEAD
+        self._frames.append((self._pos, length, stop - start))
+        self._pos += length
+        self._shard_samples += stop - start
+        self._num_samples += stop - start
+        if self._bar is not None:
+            self._bar.update(stop - start)
+        if self._pos + length > self.shard_nbytes:
+            self._close_shard()
+
+    def _open_shard(self) -> None:
+        index = len(self._shards)
+        self._fh = open(self._staging / f"shard-{index:05d}.lss", "wb")  # noqa: SIM115
+        self._fh.write(bytes(SHARD_HEADER.size))  # the real header is written at close
+        self._frames = []
+        self._pos = SHARD_HEADER.size
+        self._shard_samples = 0
+        self._held = None
+
+    def _write_sealed(self, plaintext: bytes, frame_index: int, *, last: bool) -> None:
+        aad = frame_aad(
+            self.dataset_id, self.dataset_version, self.split, len(self._shards), frame_index, last
+        )
+        self._fh.write(seal_frame(self._aead, plaintext, aad))
+
+    def _close_shard(self) -> None:
+        if self._fh is None:
+            return
+        if self._held is not None:
+            self._write_sealed(self._held, len(self._frames) - 1, last=True)
+            self._held = None
+        index = len(self._shards)
+        header = ShardHeader(
+            self._cipher, self.dataset_id, self.dataset_version, self.split, index,
+            len(self._frames),
+        ).pack()
+        self._fh.seek(0)
+        self._fh.write(header)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        self._bytes += self._pos
+        self._shards.append(
+            ShardInfo(f"shard-{index:05d}.lss", self._shard_samples, self._pos, tuple(self._frames))
+        )
+
+    # -- commit / abort ---------------------------------------------------------------------
+
+    def commit(self) -> WriteResult:
+        """Finish the split and move it into place atomically.
+
+        Raises:
+            EmptyDatasetError: If no sample was written (nothing is committed).
+        """
+        if self._closed:
+            raise RuntimeError("writer already closed")
+        try:
+            if self._pending:
+                assert self._schema is not None
+                cols = to_columns(self._schema, self._pending)
+                self._pending = []
+                self._emit(cols, 0, len(next(iter(cols.values()))))
+            self._close_shard()
+            if self._num_samples == 0 or self._schema is None:
+                raise EmptyDatasetError(
+                    f"no samples were written to split {self.split!r}; nothing committed"
+                )
+            manifest = Manifest(
+                self.dataset_id,
+                self.dataset_version,
+                self.split,
+                self._cipher,
+                self._num_samples,
+                self._schema,
+                tuple(self._shards),
+                datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+            blob = manifest.encode(self._aead)
+            with open(self._staging / MANIFEST_NAME, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._bytes += len(blob)
+            _fsync_dir(self._staging)
+            if self._new_keyring is not None and not (self.root / KEYRING_NAME).exists():
+                self._new_keyring.save(self.root)
+            target = self.root / self.split
+            old = None
+            if target.exists():
+                old = self.root / f".{self.split}.old-{uuid.uuid4().hex[:12]}"
+                os.rename(target, old)
+            os.rename(self._staging, target)
+            _fsync_dir(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        result = WriteResult(
+            str(self.root), self.split, self.dataset_id.hex(), self.dataset_version, self.key_id,
+            self._num_samples, len(self._shards), sum(len(s.frames) for s in self._shards),
+            self._bytes,
+        )
+        logger.info(
+            "wrote split %s of %s: %d samples, %d shards, version %d, key id %s",
+            self.split, self.root, result.num_samples, result.num_shards,
+            result.dataset_version, result.key_id,
+        )
+        return result
+
+    def abort(self) -> None:
+        """Discard everything written by this writer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        shutil.rmtree(self._staging, ignore_errors=True)
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.result = self.commit()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"ShardWriter(root={str(self.root)!r}, split={self.split!r}, key_id={self.key_id!r})"
+
+    def __reduce__(self):
+        raise TypeError("ShardWriter holds a data key and cannot be pickled")
+
+
+# -- convenience front ends ------------------------------------------------------------------
+
+
+def write_arrays(
+    root: str | os.PathLike[str],
+    split: str,
+    arrays: Mapping[str, Any],
+    key: KeyReference | MasterKey,
+    **kwargs: Any,
+) -> WriteResult:
+    """Write a split from one array per field (leading axis = sample).
+
+    Example: ``write_arrays(root, "train", {"x": X, "y": y}, key, feature_names=names)``.
+    Keyword arguments go to :class:`ShardWriter`.
+    """
+    first = next(iter(arrays.values()), None)
+    kwargs.setdefault("total", None if first is None else len(first))
+    with ShardWriter(root, split, key, **kwargs) as w:
+        w.write_columns(arrays)
+    return w.result
+
+
+def write_torch_dataset(
+    root: str | os.PathLike[str],
+    split: str,
+    dataset: Any,
+    key: KeyReference | MasterKey,
+    *,
+    field_names: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> WriteResult:
+    """Write a split from a map-style or iterable torch ``Dataset``.
+
+    Samples may be dicts, or tuples/lists that ``field_names`` name (default ``x``, ``y``,
+    then ``f2``, ...).
+    """
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    kwargs.setdefault("total", total)
+    iterable: Iterable[Any] = (
+        (dataset[i] for i in range(total)) if total is not None and hasattr(
+            dataset, "__getitem__") else dataset
+    )
+    with ShardWriter(root, split, key, **kwargs) as w:
+        for item in iterable:
+            if isinstance(item, Mapping):
+                w.write(item)
+            elif isinstance(item, (tuple, list)):
+                names = list(field_names or ["x", "y"])
+                names += [f"f{i}" for i in range(len(names), len(item))]
+                if len(item) > len(names):
+                    raise SchemaError("more tuple elements than field_names")
+                w.write(dict(zip(names[: len(item)], item, strict=True)))
+            else:
+                raise SchemaError(
+                    f"dataset item of type {type(item).__name__} is neither a dict nor a tuple"
+                )
+    return w.result
+
+
+def write_npz(
+    root: str | os.PathLike[str],
+    split: str,
+    path: str | os.PathLike[str],
+    key: KeyReference | MasterKey,
+    **kwargs: Any,
+) -> WriteResult:
+    """Write a split from a ``.npz`` file (one array per field; object arrays refused)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    return write_arrays(root, split, arrays, key, **kwargs)
+
+
+def write_csv(
+    root: str | os.PathLike[str],
+    split: str,
+    path: str | os.PathLike[str],
+    key: KeyReference | MasterKey,
+    *,
+    label_column: str | None = None,
+    feature_dtype: str = "float32",
+    label_dtype: str = "int64",
+    **kwargs: Any,
+) -> WriteResult:
+    """Write a split from a numeric CSV file with a header row.
+
+    Every column except ``label_column`` becomes one feature of field ``x`` (shape
+    ``(n_features,)``, names stored as ``feature_names``); the label becomes field ``y``.
+
+    Raises:
+        SchemaError: Missing label column, non-numeric cells or ragged rows.
+    """
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise EmptyDatasetError(f"CSV file {str(path)!r} is empty") from None
+        if label_column is not None and label_column not in header:
+            raise SchemaError(
+                f"label column {label_column!r} not in CSV header {header}; pass --label with "
+                "one of those names"
+            )
+        li = header.index(label_column) if label_column is not None else None
+        feats = [h for i, h in enumerate(header) if i != li]
+        xs, ys = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise SchemaError(f"{path}:{lineno}: {len(row)} cells, header has {len(header)}")
+            try:
+                xs.append([float(c) for i, c in enumerate(row) if i != li])
+                if li is not None:
+                    ys.append(float(row[li]))
+            except ValueError:
+                raise SchemaError(f"{path}:{lineno}: a cell is not a number") from None
+    if not xs:
+        raise EmptyDatasetError(f"CSV file {str(path)!r} has no data rows")
+    arrays: dict[str, Any] = {"x": np.asarray(xs, dtype=feature_dtype)}
+    if li is not None:
+        arrays["y"] = np.asarray(ys).astype(label_dtype)
+    kwargs.setdefault("feature_names", feats)
+    return write_arrays(root, split, arrays, key, **kwargs)
