@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/tabular_demo.py --output-dir demo_output
+	$(PY) examples/tabular/demo.py --output-dir demo_output
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """lightning_sustain: measurable, governable PyTorch Lightning training.
 
-Public names are imported lazily so that ``import lightning_sustain`` stays cheap and
-``lightning_sustain.energy`` never pulls in Lightning.
+Public names are imported lazily. The one import-time side effect is registering the
+``sustain_ddp`` and ``sustain_ddp_spawn`` strategy names with Lightning.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ _LAZY_EXPORTS: dict[str, str] = {
     "ShardWriter": "lightning_sustain.data.writer",
     "KeyProvider": "lightning_sustain.data.keys",
     "KeyReference": "lightning_sustain.data.keys",
+    "SustainDDPStrategy": "lightning_sustain.strategies.sustain_ddp",
+    "PowerBudget": "lightning_sustain.callbacks.power_budget",
+    "EnergyBudget": "lightning_sustain.callbacks.energy_budget",
+    "BudgetExceeded": "lightning_sustain.callbacks.energy_budget",
+    "ShapSummary": "lightning_sustain.callbacks.shap_summary",
+    "build_report": "lightning_sustain.report.builder",
+    "ReportResult": "lightning_sustain.report.builder",
+    "ReportInputError": "lightning_sustain.report.builder",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
@@ -35,3 +43,14 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+def _register_strategies() -> None:
+    # The one import-time side effect: Trainer(strategy="sustain_ddp") must work after
+    # `import lightning_sustain`.
+    from lightning_sustain.strategies import register_strategies
+
+    register_strategies()
+
+
+_register_strategies()

@@ -154,6 +154,8 @@ class EnergyMonitor(Callback):
         progress_bar: show power and energy in the progress bar.
         trace: stream the per-step CSV trace.
         output_dir: where the trace and summary go; ``None`` means ``trainer.log_dir``.
+        report: write ``report.md``/``report.html``/``emissions.csv`` next to the summary at
+            the end of fit (see ``lightning-sustain report`` for the options).
 
     Raises:
         ValueError: a setting is not valid; the message names it.
@@ -172,6 +174,7 @@ class EnergyMonitor(Callback):
         progress_bar: bool = True,
         trace: bool = True,
         output_dir: str | None = None,
+        report: bool = True,
     ) -> None:
         super().__init__()
         self.gpus = validate_gpu_selection(gpus)
@@ -198,6 +201,7 @@ class EnergyMonitor(Callback):
         self.progress_bar = progress_bar
         self.trace = trace
         self.output_dir = output_dir
+        self.report = report
 
         self.meter: EnergyMeter | None = None
         self.accountant: EnergyAccountant | None = None
@@ -526,6 +530,8 @@ class EnergyMonitor(Callback):
         if self._trace_writer is not None:
             self._trace_writer.close()
             self._trace_writer = None
+        if self.report and status == "completed" and trainer.is_global_zero:
+            self._write_report()
         self._t0_s = None
 
     def _resolve_metric_history(self) -> None:
@@ -553,6 +559,17 @@ class EnergyMonitor(Callback):
                 )
             )
         self._metric_marks = []
+
+    def _write_report(self) -> None:
+        if self._output_path is None:
+            return
+        try:
+            from lightning_sustain.report.builder import build_report
+
+            result = build_report(self._output_path)
+            logger.info("Sustainability report: %s", result.markdown_path)
+        except Exception as exc:  # the report must never fail a finished training run
+            logger.warning("EnergyMonitor could not write the report: %s", exc)
 
     def _local_summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         assert self.accountant is not None and self.meter is not None
