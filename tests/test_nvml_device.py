@@ -246,3 +246,37 @@ def test_no_nvml_library_is_a_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
     )
     assert out.stdout.startswith("OK") and "NVML is not available" in out.stdout, out.stderr
+
+
+def test_opening_a_lost_gpu_is_our_error(sim) -> None:
+    sim.set_fault(1, "gpu_lost")
+    try:
+        with pytest.raises(DeviceUnavailableError, match="lost"):
+            NvmlGpu(1)
+    finally:
+        sim.set_fault(1, None)
+
+
+def test_journal_updates_are_serialised_across_processes(sim, tmp_path: Path) -> None:
+    # two processes cap and restore different devices at the same time; afterwards the
+    # journal holds no stale entry and both limits are back
+    script = tmp_path / "cap.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO)!r})
+            from lightning_sustain.energy.nvml import NvmlGpu
+            from lightning_sustain.budget.limits import PowerLimitGuard
+            gpu = NvmlGpu(int(sys.argv[1]))
+            for _ in range(30):
+                with PowerLimitGuard([gpu]) as guard:
+                    guard.set_limit_w(gpu, 200.0)
+            """
+        )
+    )
+    procs = [subprocess.Popen([sys.executable, str(script), str(i)]) for i in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sim.power_limit_w(0) == 400.0 and sim.power_limit_w(1) == 400.0
+    text = journal_path().read_text() if journal_path().exists() else "{}"
+    assert sim.uuid(0) not in text and sim.uuid(1) not in text

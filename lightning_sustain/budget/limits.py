@@ -13,15 +13,21 @@ No Lightning import here: the budget callbacks and the DDP strategy use this mod
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from lightning_sustain.energy.errors import PowerLimitError
 from lightning_sustain.energy.nvml import NvmlGpu
@@ -42,6 +48,32 @@ def journal_path() -> Path:
         return Path(override)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "lightning_sustain" / "power_limits.json"
+
+
+@contextlib.contextmanager
+def _journal_locked() -> Iterator[None]:
+    """Hold the thread lock and an exclusive file lock around a journal update.
+
+    Several ranks on one node share the journal; without the file lock one rank's
+    read-modify-write could bring back an entry another rank had just removed.
+    """
+    with _lock:
+        path = journal_path()
+        handle = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:  # the journal is a safety net: work without the lock
+            logger.debug("could not lock the power-limit journal: %s", exc)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                handle.close()
 
 
 def _read_journal() -> dict[str, dict[str, Any]]:
@@ -84,7 +116,7 @@ def restore_orphaned_limits(devices: Iterable[NvmlGpu]) -> list[str]:
         The UUIDs whose limits were restored.
     """
     restored: list[str] = []
-    with _lock:
+    with _journal_locked():
         journal = _read_journal()
         for gpu in devices:
             entry = journal.get(gpu.uuid)
@@ -207,7 +239,7 @@ class PowerLimitGuard:
                 high_w,
                 applied_w,
             )
-        with _lock:
+        with _journal_locked():
             if gpu.uuid not in self._originals_w:
                 original_w = gpu.power_limit_w()
                 self._originals_w[gpu.uuid] = original_w
@@ -233,7 +265,7 @@ class PowerLimitGuard:
             UUIDs that could not be restored (each logged as an error).
         """
         failed: list[str] = []
-        with _lock:
+        with _journal_locked():
             journal = _read_journal()
             for uuid, original_w in list(self._originals_w.items()):
                 gpu = self._by_uuid[uuid]

@@ -264,7 +264,11 @@ class EnergyMonitor(Callback):
         # Keep what was measured: resolve, write a summary marked as interrupted, close.
         try:
             if self.accountant is not None and self._t0_s is not None:
-                self._finish_run(trainer, status=f"interrupted: {type(exception).__name__}")
+                # No collective here: under DDP the other ranks may never reach one, so
+                # each rank keeps only what it measured (rank zero writes it).
+                self._finish_run(
+                    trainer, status=f"interrupted: {type(exception).__name__}", gather=False
+                )
         except Exception as exc:  # never mask the user's exception
             logger.warning("EnergyMonitor could not write its summary after an error: %s", exc)
         finally:
@@ -475,8 +479,11 @@ class EnergyMonitor(Callback):
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=trainer.global_step)
         if self.progress_bar:
-            pl_module.log("power_W", cluster["power_w"], prog_bar=True, logger=False)
-            pl_module.log("energy_Wh", train_j / 3600.0, prog_bar=True, logger=False)
+            # Written into the progress bar's metrics directly: `pl_module.log` would add
+            # two entries that Lightning then processes on every later step.
+            trainer.progress_bar_metrics.update(
+                {"power_W": round(cluster["power_w"], 1), "energy_Wh": train_j / 3600.0}
+            )
 
     def _recent_power_w(self, span_s: float = 1.0) -> float:
         if self.meter is None:
@@ -503,7 +510,7 @@ class EnergyMonitor(Callback):
         return {k: float(v) for k, v in zip(keys, reduced.cpu().tolist(), strict=True)}
 
     # -- end of run ----------------------------------------------------------------------
-    def _finish_run(self, trainer: pl.Trainer, status: str) -> None:
+    def _finish_run(self, trainer: pl.Trainer, status: str, gather: bool = True) -> None:
         accountant = self.accountant
         if accountant is None or self._t0_s is None:
             return
@@ -513,9 +520,19 @@ class EnergyMonitor(Callback):
         accountant.resolve(wait=True)
         self._resolve_metric_history()
         local = self._local_summary(trainer)
-        ranks = self._gather(trainer, local)
+        ranks = self._gather(trainer, local) if gather else [local]
         summary = self._build_summary(trainer, ranks, status)
         self._summary = summary
+        if self.progress_bar and gather:
+            train = summary["phases"]["train"]
+            trainer.progress_bar_metrics.update(
+                {
+                    "energy_Wh": train["energy_j"] / 3600.0,
+                    "power_W": round(train["energy_j"] / train["duration_s"], 1)
+                    if train["duration_s"] > 0
+                    else 0.0,
+                }
+            )
         if trainer.is_global_zero and self._output_path is not None:
             path = write_summary(self._output_path / SUMMARY_FILENAME, summary)
             totals = summary["totals"]

@@ -238,6 +238,13 @@ class NvmlGpu(EnergyDevice):
             self._check_not_mig(name)
             simulated = nvml_is_simulated()
             self._mode = self._choose_mode(prefer_counter)
+        except pynvml.NVMLError as exc:
+            nvml_shutdown()
+            if exc.value == pynvml.NVML_ERROR_GPU_IS_LOST:
+                raise DeviceUnavailableError(
+                    f"NVML device {nvml_index} is lost ({exc}); it cannot be measured."
+                ) from exc
+            raise EnergyMeasurementError(f"NVML failed to open device {nvml_index}: {exc}") from exc
         except BaseException:
             nvml_shutdown()
             raise
