@@ -129,3 +129,19 @@ def test_report_tool_on_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
     out = cli("report", str(tmp_path / "nope"), cwd=tmp_path)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
+
+
+def test_ddp_yaml_example_two_processes(tmp_path: Path) -> None:
+    out = cli(
+        "fit", "--config", str(REPO / "examples/ddp.yaml"), "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={tmp_path / 'ddp'}", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = next((tmp_path / "ddp" / "lightning_logs").glob("version_*"))
+    energy = json.loads((run_dir / "energy_summary.json").read_text())
+    assert energy["world_size"] == 2
+    assert [r["global_rank"] for r in energy["ranks"]] == [0, 1]
+    per_rank = sum(r["energy_j"] for r in energy["ranks"])
+    assert energy["totals"]["energy_j"] == pytest.approx(per_rank, rel=1e-9)
+    ddp = json.loads((run_dir / "ddp_summary.json").read_text())
+    assert len(ddp["ranks"]) == 2
