@@ -91,6 +91,66 @@ class StepTimer(pl.Callback):
         return (self.n - 50) / (self.cpu_end - self.cpu_start)
 
 
+class TimedMonitor(EnergyMonitor):
+    """EnergyMonitor that adds up the wall time of its per-step hooks (flushes included)."""
+
+    hook_s = 0.0
+
+    def on_train_batch_start(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        super().on_train_batch_start(*args, **kwargs)
+        self.hook_s += time.perf_counter() - t0
+
+    def on_train_batch_end(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        super().on_train_batch_end(*args, **kwargs)
+        self.hook_s += time.perf_counter() - t0
+
+
+def sampler_thread_cpu_s() -> float:
+    """CPU seconds used so far by the meter's sampler thread (0 if none runs)."""
+    import threading
+
+    import psutil
+
+    ids = {t.native_id for t in threading.enumerate() if t.name == "lightning-sustain-meter"}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
+
+
+def bench_cost(steps: int = 1500) -> dict:
+    """Direct cost of the monitor: its hooks' time plus its sampler thread's CPU time.
+
+    Unlike the A/B throughput ratio, this does not depend on run-to-run noise of the
+    shared machine: it adds up what the monitor itself spends per step.
+    """
+    torch.set_num_threads(1)
+    sim = SimulatedNVML(1).install()
+    with tempfile.TemporaryDirectory() as root:
+        monitor = TimedMonitor(output_dir=root)
+        timer = StepTimer()
+        marks = {}
+
+        class Mark(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if timer.n == 50:
+                    marks["hook0"], marks["cpu0"] = monitor.hook_s, sampler_thread_cpu_s()
+                marks["hook1"], marks["cpu1"] = monitor.hook_s, sampler_thread_cpu_s()
+
+        trainer(steps, [timer, monitor, Mark()], root).fit(Model(), data(steps))
+    sim.uninstall()
+    n = timer.n - 50
+    step_s = (timer.t_end - timer.t_start) / n
+    hook_us = (marks["hook1"] - marks["hook0"]) / n * 1e6
+    thread_us = (marks["cpu1"] - marks["cpu0"]) / n * 1e6
+    return {
+        "step_ms": round(step_s * 1e3, 3),
+        "hooks_us_per_step_incl_log_flushes": round(hook_us, 2),
+        "sampler_thread_cpu_us_per_step": round(thread_us, 2),
+        "cost_fraction_of_step": round((hook_us + thread_us) / (step_s * 1e6), 4),
+        "implied_throughput_ratio": round(1 / (1 + (hook_us + thread_us) / (step_s * 1e6)), 4),
+    }
+
+
 def bench_overhead(pairs: int = 11, steps: int = 600) -> dict:
     torch.set_num_threads(1)
     sim = SimulatedNVML(1).install()
@@ -162,7 +222,8 @@ class GroundTruth(pl.Callback):
 def bench_accuracy(steps: int = 600, busy_s: float = 0.02) -> dict:
     sim = SimulatedNVML(1, counter_period_s=0.1).install()
     with tempfile.TemporaryDirectory() as root:
-        monitor = EnergyMonitor(output_dir=root, cpu="none")
+        # report=False: the report is built after the monitor closes its fit interval
+        monitor = EnergyMonitor(output_dir=root, cpu="none", report=False)
         truth = GroundTruth(sim)
         marks: dict[str, tuple[float, float]] = {}
 
@@ -246,11 +307,14 @@ def bench_memory(long_steps: int = 100_000, short_steps: int = 1_000) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["overhead", "accuracy", "memory", "all"])  # fmt: skip
+                        choices=["overhead", "cost", "accuracy", "memory", "all"])  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {os.uname().nodename}, {os.cpu_count()} cores, torch {torch.__version__}")
     if args.what in ("overhead", "all"):
-        print("overhead:", json.dumps(bench_overhead(), indent=1))
+        print("overhead (A/B interleaved):", json.dumps(bench_overhead(), indent=1))
+        print("overhead (direct cost):", json.dumps(bench_cost(), indent=1))
+    if args.what == "cost":
+        print("overhead (direct cost):", json.dumps(bench_cost(), indent=1))
     if args.what in ("accuracy", "all"):
         print("accuracy (simulated device):", json.dumps(bench_accuracy(), indent=1))
     if args.what in ("memory", "all"):

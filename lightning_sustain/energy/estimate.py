@@ -48,7 +48,7 @@ class CpuTimeEstimate(EnergyDevice):
 
     Energy = CPU seconds used since the device was opened x ``watts_per_core``. Child
     processes (DataLoader workers) are included when ``psutil`` is available; their list
-    is refreshed at most once a second.
+    is refreshed at most every 5 seconds (a new worker is counted from then on).
 
     Args:
         watts_per_core: power of one fully busy core, in watts.
@@ -88,7 +88,7 @@ class CpuTimeEstimate(EnergyDevice):
         if self._process is None:
             return 0.0
         now = time.monotonic()
-        if now - self._children_refreshed_s > 1.0:
+        if now - self._children_refreshed_s > 5.0:  # scanning /proc costs ~2 ms
             try:
                 self._children = self._process.children(recursive=True)
             except Exception:

@@ -18,6 +18,8 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.errors import EnergyMeasurementError
 from lightning_sustain.energy.estimate import validate_positive
@@ -125,22 +127,20 @@ class DeviceStream:
         Times before the first point get the first value; times after the last point
         get the last value (ask only up to :attr:`latest_time_s` for exact answers).
         """
+        query = np.asarray(times_s if isinstance(times_s, (list, tuple)) else list(times_s))
+        if query.size == 0:
+            return []
+        lo_t, hi_t = float(query.min()), float(query.max())
         with self._lock:
             ts, es = self._times_s, self._energies_j
-            out: list[float] = []
             if not ts:
-                return [0.0 for _ in times_s]
-            for t in times_s:
-                i = bisect.bisect_right(ts, t)
-                if i == 0:
-                    out.append(es[0])
-                elif i == len(ts):
-                    out.append(es[-1])
-                else:
-                    t0, t1 = ts[i - 1], ts[i]
-                    e0, e1 = es[i - 1], es[i]
-                    out.append(e0 + (e1 - e0) * (t - t0) / (t1 - t0))
-            return out
+                return [0.0] * int(query.size)
+            # only the part of the curve the query needs (plus one point each side)
+            lo = max(0, bisect.bisect_left(ts, lo_t) - 1)
+            hi = min(len(ts), bisect.bisect_right(ts, hi_t) + 1)
+            t_part, e_part = ts[lo:hi], es[lo:hi]
+        # np.interp clamps outside the range: the first/last values, as documented
+        return np.interp(query, t_part, e_part).tolist()
 
     def points_between(self, t0_s: float, t1_s: float) -> tuple[list[float], list[float]]:
         """The curve's points in ``[t0_s, t1_s]`` plus one on each side, if any."""
