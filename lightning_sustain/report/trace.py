@@ -83,14 +83,12 @@ class TraceWriter:
         t0, rank, provenance, ids = self.t0_s, self.rank, self._provenance, self._device_ids
         lines = []
         for s in steps:
-            per_device = "".join(",%.6f" % s.device_energy_j.get(d, 0.0) for d in ids)
+            per_device = "".join(f",{s.device_energy_j.get(d, 0.0):.6f}" for d in ids)
             lines.append(
-                "%d,%d,%d,%.6f,%.6f,%.6f,%d,%.6f,%.3f,%s%s\n"
-                % (
-                    s.step, s.epoch, rank, s.start_s - t0, s.end_s - t0, s.end_s - s.start_s,
-                    s.samples, s.energy_j, s.power_w, provenance, per_device,
-                )
-            )  # fmt: skip
+                f"{s.step},{s.epoch},{rank},{s.start_s - t0:.6f},{s.end_s - t0:.6f},"
+                f"{s.end_s - s.start_s:.6f},{s.samples},{s.energy_j:.6f},{s.power_w:.3f},"
+                f"{provenance}{per_device}\n"
+            )
         self._file.write("".join(lines))
         self._file.flush()
 
