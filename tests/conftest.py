@@ -29,3 +29,20 @@ def simulated_nvml():
 def sim(simulated_nvml) -> SimulatedNVML:
     """Two default simulated H100s, 50 ms counter period, pynvml initialised."""
     return simulated_nvml(2, counter_period_s=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Undo every environment change a test makes.
+
+    In-process DDP runs set MASTER_PORT, LOCAL_RANK, WORLD_SIZE and friends; left behind,
+    a later test's DDP subprocess believes it is already a launched rank and waits forever
+    for peers.
+    """
+    import os
+
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
