@@ -1,0 +1,162 @@
+"""GPU check for a machine with a real NVIDIA GPU (never run in CI or tests).
+
+    python benchmarks/gpu_check.py [--seconds 60] [--device 0]
+
+1. Trains a small CNN on random data on CUDA for about ``--seconds`` with EnergyMonitor.
+2. Cross-checks the NVML energy counter's total against power samples integrated over
+   the same window (two independent NVML paths; expect agreement within a few percent).
+3. Measures training throughput with and without the monitor, interleaved (A, B, A, B...).
+4. Prints one table.
+
+Every figure it prints comes from real hardware; nothing here is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_sustain import EnergyMonitor  # noqa: E402
+
+
+class Cnn(pl.LightningModule):
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10),
+        )  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(n: int) -> DataLoader:
+    x = torch.randn(n, 3, 64, 64)
+    y = torch.randint(0, 10, (n,))
+    return DataLoader(TensorDataset(x, y), batch_size=128, pin_memory=True)
+
+
+class Timer(pl.Callback):
+    def __init__(self) -> None:
+        self.n, self.t0, self.t1 = 0, None, None
+
+    def on_train_batch_end(self, trainer, *args):
+        self.n += 1
+        if self.n == 20:
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.synchronize()
+        self.t1 = time.perf_counter()
+
+    def steps_per_s(self) -> float:
+        return (self.n - 20) / (self.t1 - self.t0)
+
+
+def integrated_power_j(device: int, stop: threading.Event, out: dict) -> None:
+    """Integrate nvmlDeviceGetPowerUsage (trapezoid, 10 ms) until ``stop`` is set."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+    energy, last_t, last_p = 0.0, time.monotonic(), pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3
+    out["start_counter_mj"] = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    while not stop.is_set():
+        time.sleep(0.01)
+        t, p = time.monotonic(), pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3
+        energy += 0.5 * (p + last_p) * (t - last_t)
+        last_t, last_p = t, p
+    out["end_counter_mj"] = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    out["integrated_j"] = energy
+    pynvml.nvmlShutdown()
+
+
+def fit(steps: int, with_monitor: bool, root: str, device: int) -> tuple[float, dict | None]:
+    timer = Timer()
+    callbacks: list = [timer]
+    if with_monitor:
+        callbacks.append(EnergyMonitor(output_dir=root, report=False))
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=[device], max_steps=steps, callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Cnn(), loader(steps * 128))
+    summary = None
+    if with_monitor:
+        summary = json.loads((Path(root) / "energy_summary.json").read_text())
+    return timer.steps_per_s(), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU; none is visible.")
+    torch.backends.cudnn.benchmark = True
+    with tempfile.TemporaryDirectory() as root:
+        # calibrate the number of steps for the wanted duration
+        probe, _ = fit(60, False, root, args.device)
+        steps = max(200, int(probe * args.seconds))
+        # 1+2: one long monitored run, with an independent integrated-power thread
+        stop, cross = threading.Event(), {}
+        thread = threading.Thread(target=integrated_power_j, args=(args.device, stop, cross))
+        thread.start()
+        time.sleep(0.5)
+        _, summary = fit(steps, True, root, args.device)
+        time.sleep(0.5)
+        stop.set()
+        thread.join()
+        # 3: throughput, interleaved
+        short = max(100, steps // 4)
+        with_tp, without_tp = [], []
+        for i in range(args.pairs):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for variant in order:
+                tp, _ = fit(short, variant, root, args.device)
+                (with_tp if variant else without_tp).append(tp)
+    counter_j = (cross["end_counter_mj"] - cross["start_counter_mj"]) / 1e3
+    gpu = next(d for d in summary["devices"] if d["kind"] == "gpu")
+    rows = [
+        ("GPU", gpu["name"]),
+        ("provenance", gpu["provenance"]),
+        ("training steps (monitored run)", summary["totals"]["steps"]),
+        ("monitored fit energy, GPU (J)", f"{gpu['fit_energy_j']:.1f}"),
+        ("counter total over window incl. margins (J)", f"{counter_j:.1f}"),
+        ("integrated power over same window (J)", f"{cross['integrated_j']:.1f}"),
+        ("integrated / counter", f"{cross['integrated_j'] / counter_j:.4f}"),
+        ("throughput with monitor (steps/s, median)", f"{statistics.median(with_tp):.2f}"),
+        ("throughput without (steps/s, median)", f"{statistics.median(without_tp):.2f}"),
+        ("throughput ratio", f"{statistics.median(with_tp) / statistics.median(without_tp):.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"\ngpu_check ({torch.cuda.get_device_name(args.device)}, torch {torch.__version__})")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
