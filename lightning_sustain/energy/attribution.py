@@ -49,32 +49,39 @@ class StepAttribution:
         """
         if len(counter_times_s) < 2 or not step_bounds:
             return
-        starts = np.array([s for s, _ in step_bounds])
-        ends = np.array([e for _, e in step_bounds])
+        bounds = np.asarray(step_bounds, dtype=float)
+        starts, ends = bounds[:, 0], bounds[:, 1]
         durations = np.maximum(ends - starts, 1e-9)
-        rows, targets = [], []
-        for k in range(len(counter_times_s) - 1):
-            t0, t1 = counter_times_s[k], counter_times_s[k + 1]
-            if t0 < starts[0] or t1 > ends[-1]:
-                continue  # only intervals inside the steps' span
-            overlap = np.clip(np.minimum(ends, t1) - np.maximum(starts, t0), 0.0, None)
-            covered = overlap.sum()
-            if covered < 0.95 * (t1 - t0):
-                continue  # a gap between steps (validation, ...) inside the interval
-            rows.append((float((overlap / durations).sum()), float(covered)))
-            targets.append(counter_energies_j[k + 1] - counter_energies_j[k])
-        if not rows:
+        t = np.asarray(counter_times_s, dtype=float)
+        e = np.asarray(counter_energies_j, dtype=float)
+        t0, t1 = t[:-1], t[1:]
+        inside = (t0 >= starts[0]) & (t1 <= ends[-1])  # intervals inside the steps' span
+        if not inside.any():
             return
-        x = np.array(rows)
-        y = np.array(targets)
-        self._xtx = self.forgetting ** len(rows) * self._xtx + x.T @ x
-        self._xty = self.forgetting ** len(rows) * self._xty + x.T @ y
+        t0, t1, de = t0[inside], t1[inside], (e[1:] - e[:-1])[inside]
+        # overlap of every counter interval (rows) with every step (columns)
+        overlap = np.clip(
+            np.minimum(ends[None, :], t1[:, None]) - np.maximum(starts[None, :], t0[:, None]),
+            0.0,
+            None,
+        )
+        covered = overlap.sum(axis=1)
+        full = covered >= 0.95 * (t1 - t0)  # skip intervals with a gap (validation, ...)
+        if not full.any():
+            return
+        x = np.column_stack(((overlap[full] / durations).sum(axis=1), covered[full]))
+        y = de[full]
+        decay = self.forgetting ** len(y)
+        self._xtx = decay * self._xtx + x.T @ x
+        self._xty = decay * self._xty + x.T @ y
         self._solve()
 
     def _solve(self) -> None:
         xtx, xty = self._xtx, self._xty
-        if np.linalg.cond(xtx) < 1e10:
-            a, b = np.linalg.solve(xtx, xty)
+        det = xtx[0, 0] * xtx[1, 1] - xtx[0, 1] * xtx[1, 0]
+        if det > 1e-10 * xtx[0, 0] * xtx[1, 1] > 0:  # well conditioned 2 x 2 system
+            a = (xtx[1, 1] * xty[0] - xtx[0, 1] * xty[1]) / det
+            b = (xtx[0, 0] * xty[1] - xtx[1, 0] * xty[0]) / det
         else:
             a, b = -1.0, -1.0
         if a < 0 or b < 0:  # keep the physically meaningful, non-negative solution
