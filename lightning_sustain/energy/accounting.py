@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,13 +156,19 @@ class EnergyAccountant:
         self._mark_times: dict[int, float] = {}
         self._next_mark = 0
         self.last_resolved: list[StepEnergy] = []
+        # record_step/mark/record_interval may run on the training thread while resolve runs
+        # on a background thread: the intake lock guards the pending lists (held for an
+        # append or a swap only), the resolve lock serialises resolutions.
+        self._intake_lock = threading.Lock()
+        self._resolve_lock = threading.RLock()
 
     # -- hot path ---------------------------------------------------------------------
     def record_step(
         self, step: int, epoch: int, start_s: float, end_s: float, samples: int
     ) -> None:
         """Remember a training step's boundaries (no measurement happens here)."""
-        self._pending_steps.append((step, epoch, start_s, end_s, samples))
+        with self._intake_lock:  # uncontended: ~0.1 us; resolve may run on another thread
+            self._pending_steps.append((step, epoch, start_s, end_s, samples))
 
     @property
     def pending_steps(self) -> int:
@@ -180,9 +187,10 @@ class EnergyAccountant:
         Marks are evaluated at the next :meth:`resolve` that covers them, while the
         moment is still inside the meter's history, so intervals of any length are exact.
         """
-        mark_id = self._next_mark
-        self._next_mark += 1
-        self._pending_marks.append((mark_id, t_s))
+        with self._intake_lock:
+            mark_id = self._next_mark
+            self._next_mark += 1
+            self._pending_marks.append((mark_id, t_s))
         return mark_id
 
     def energy_at_mark(self, mark_id: int) -> dict[str, float] | None:
@@ -199,7 +207,8 @@ class EnergyAccountant:
         """Add the energy between two marks to a phase (validation, test, the whole fit)."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        self._pending_intervals.append((phase, start_mark, end_mark, steps, samples))
+        with self._intake_lock:
+            self._pending_intervals.append((phase, start_mark, end_mark, steps, samples))
 
     # -- resolution -------------------------------------------------------------------
     def resolve(self, wait: bool = False, timeout_s: float = 2.0) -> list[StepEnergy]:
@@ -214,10 +223,36 @@ class EnergyAccountant:
         Returns:
             The steps resolved by this call, oldest first.
         """
-        pending_times = [s[3] for s in self._pending_steps] + [t for _, t in self._pending_marks]
-        if not pending_times and not self._pending_intervals:
-            self.last_resolved = []
-            return []
+        with self._resolve_lock:
+            with self._intake_lock:
+                steps, self._pending_steps = self._pending_steps, []
+                marks, self._pending_marks = self._pending_marks, []
+                intervals, self._pending_intervals = self._pending_intervals, []
+            try:
+                resolved, steps, marks, intervals = self._resolve_taken(
+                    steps, marks, intervals, wait, timeout_s
+                )
+            finally:
+                with self._intake_lock:  # give back what is not covered yet, in order
+                    self._pending_steps = steps + self._pending_steps
+                    self._pending_marks = marks + self._pending_marks
+                    self._pending_intervals = intervals + self._pending_intervals
+        if resolved and self.on_steps is not None:
+            self.on_steps(resolved)
+        self.last_resolved = resolved
+        return resolved
+
+    def _resolve_taken(
+        self,
+        steps: list[tuple[int, int, float, float, int]],
+        marks: list[tuple[int, float]],
+        intervals: list[tuple[str, int, int, int, int]],
+        wait: bool,
+        timeout_s: float,
+    ) -> tuple[list[StepEnergy], list[Any], list[Any], list[Any]]:
+        pending_times = [s[3] for s in steps] + [t for _, t in marks]
+        if not pending_times and not intervals:
+            return [], steps, marks, intervals
         if wait:
             if pending_times:
                 self.meter.wait_until_covered(max(pending_times), timeout_s=timeout_s)
@@ -227,22 +262,21 @@ class EnergyAccountant:
             if covered is None:
                 covered = float("inf") if not self.meter.streams or self.meter.failures() else None
             if covered is None:
-                self.last_resolved = []
-                return []
+                return [], steps, marks, intervals
             covered_until = covered
-        ready = [s for s in self._pending_steps if s[3] <= covered_until]
-        self._pending_steps = [s for s in self._pending_steps if s[3] > covered_until]
+        ready = [s for s in steps if s[3] <= covered_until]
+        steps = [s for s in steps if s[3] > covered_until]
         resolved = self._resolve_steps(ready)
-        ready_marks = [m for m in self._pending_marks if m[1] <= covered_until]
-        self._pending_marks = [m for m in self._pending_marks if m[1] > covered_until]
+        ready_marks = [m for m in marks if m[1] <= covered_until]
+        marks = [m for m in marks if m[1] > covered_until]
         if ready_marks:
             curves = self.meter.energy_at([t for _, t in ready_marks])
             for k, (mark_id, t_s) in enumerate(ready_marks):
                 self._marks[mark_id] = {device: values[k] for device, values in curves.items()}
                 self._mark_times[mark_id] = t_s
         still_pending = []
-        for interval in self._pending_intervals:
-            phase, start_mark, end_mark, steps, samples = interval
+        for interval in intervals:
+            phase, start_mark, end_mark, n_steps, samples = interval
             start, end = self._marks.get(start_mark), self._marks.get(end_mark)
             if start is None or end is None:
                 still_pending.append(interval)
@@ -250,13 +284,9 @@ class EnergyAccountant:
             totals = self.totals[phase]
             totals.add_energy({d: end[d] - start.get(d, 0.0) for d in end})
             totals.duration_s += self._mark_times[end_mark] - self._mark_times[start_mark]
-            totals.steps += steps
+            totals.steps += n_steps
             totals.samples += samples
-        self._pending_intervals = still_pending
-        if resolved and self.on_steps is not None:
-            self.on_steps(resolved)
-        self.last_resolved = resolved
-        return resolved
+        return resolved, steps, marks, still_pending
 
     def _resolve_steps(self, ready: list[tuple[int, int, float, float, int]]) -> list[StepEnergy]:
         if not ready:
