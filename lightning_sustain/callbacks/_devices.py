@@ -47,6 +47,17 @@ def validate_gpu_selection(gpus: object) -> GpuSelection:
     )
 
 
+def validate_cpu_selection(cpu: object) -> CpuSelection:
+    """Check the ``cpu`` argument of a callback.
+
+    Raises:
+        ValueError: anything other than ``"auto"``, ``"rapl"``, ``"estimate"``, ``"none"``.
+    """
+    if cpu not in ("auto", "rapl", "estimate", "none"):
+        raise ValueError(f"cpu={cpu!r} is not one of 'auto', 'rapl', 'estimate', 'none'.")
+    return cpu  # type: ignore[return-value]
+
+
 def _nvml_simulated() -> bool:
     try:
         nvml_init()

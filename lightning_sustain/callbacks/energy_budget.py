@@ -28,6 +28,7 @@ from lightning_sustain.callbacks._devices import (
     CpuSelection,
     GpuSelection,
     open_process_devices,
+    validate_cpu_selection,
     validate_gpu_selection,
 )
 from lightning_sustain.energy.carbon import (
@@ -37,7 +38,11 @@ from lightning_sustain.energy.carbon import (
     joules_to_kwh,
     resolve_carbon_intensity,
 )
-from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive
+from lightning_sustain.energy.estimate import (
+    DEFAULT_WATTS_PER_CORE,
+    validate_positive,
+    validate_positive_int,
+)
 from lightning_sustain.energy.meter import EnergyMeter
 
 logger = logging.getLogger(__name__)
@@ -168,19 +173,9 @@ class EnergyBudget(Callback):
             )
         self.forecast_after_steps = forecast_after_steps
         self.gpus = validate_gpu_selection(gpus)
-        if cpu not in ("auto", "rapl", "estimate", "none"):
-            raise ValueError(f"cpu={cpu!r} is not one of 'auto', 'rapl', 'estimate', 'none'.")
-        self.cpu = cpu
+        self.cpu = validate_cpu_selection(cpu)
         self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
-        if check_every_n_steps is not None and (
-            isinstance(check_every_n_steps, bool)
-            or not isinstance(check_every_n_steps, int)
-            or check_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"check_every_n_steps must be a positive integer, got {check_every_n_steps!r}."
-            )
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = validate_positive_int("check_every_n_steps", check_every_n_steps)
         self.checkpoint_dir = checkpoint_dir
         self.interval_s = (
             None if interval_s is None else validate_positive("interval_s", interval_s)

@@ -24,6 +24,7 @@ from lightning_sustain.callbacks._devices import (
     CpuSelection,
     GpuSelection,
     open_process_devices,
+    validate_cpu_selection,
     validate_gpu_selection,
 )
 from lightning_sustain.energy.accounting import (
@@ -40,7 +41,11 @@ from lightning_sustain.energy.carbon import (
     joules_to_kwh,
     resolve_carbon_intensity,
 )
-from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive
+from lightning_sustain.energy.estimate import (
+    DEFAULT_WATTS_PER_CORE,
+    validate_positive,
+    validate_positive_int,
+)
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.report.trace import (
     SUMMARY_FILENAME,
@@ -178,9 +183,7 @@ class EnergyMonitor(Callback):
     ) -> None:
         super().__init__()
         self.gpus = validate_gpu_selection(gpus)
-        if cpu not in ("auto", "rapl", "estimate", "none"):
-            raise ValueError(f"cpu={cpu!r} is not one of 'auto', 'rapl', 'estimate', 'none'.")
-        self.cpu = cpu
+        self.cpu = validate_cpu_selection(cpu)
         self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
         self.carbon: CarbonIntensity = resolve_carbon_intensity(carbon_intensity_g_per_kwh, country)
         self.pue = validate_positive("pue", pue)
@@ -189,15 +192,7 @@ class EnergyMonitor(Callback):
         self.interval_s = (
             None if interval_s is None else validate_positive("interval_s", interval_s)
         )
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"log_every_n_steps must be a positive integer, got {log_every_n_steps!r}."
-            )
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = validate_positive_int("log_every_n_steps", log_every_n_steps)
         self.progress_bar = progress_bar
         self.trace = trace
         self.output_dir = output_dir

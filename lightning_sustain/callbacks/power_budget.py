@@ -25,6 +25,7 @@ from lightning_sustain.callbacks._devices import (
     CpuSelection,
     GpuSelection,
     process_gpu_indices,
+    validate_cpu_selection,
     validate_gpu_selection,
 )
 from lightning_sustain.energy.device import EnergyDevice
@@ -127,8 +128,7 @@ class PowerBudget(Callback):
             raise ValueError(f"per={per!r} is not valid: use 'device' or 'job'.")
         if mode not in ("auto", "hardware", "software"):
             raise ValueError(f"mode={mode!r} is not valid: use 'auto', 'hardware' or 'software'.")
-        if cpu not in ("auto", "rapl", "estimate", "none"):
-            raise ValueError(f"cpu={cpu!r} is not one of 'auto', 'rapl', 'estimate', 'none'.")
+        validate_cpu_selection(cpu)
         self.per = per
         self.mode = mode
         self.gpus = validate_gpu_selection(gpus)
@@ -404,9 +404,7 @@ class PowerBudget(Callback):
             "PowerBudget (%s): budget %.1f W, measured mean %s, %.2f s throttled over %d steps.",
             self.report.mode,
             self.report.rank_budget_w or 0.0,
-            "unknown"
-            if self.report.mean_power_w is None
-            else f"{self.report.mean_power_w:.1f} W",
+            "unknown" if self.report.mean_power_w is None else f"{self.report.mean_power_w:.1f} W",
             self.report.throttled_s,
             self.report.steps,
         )

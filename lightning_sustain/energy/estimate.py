@@ -43,6 +43,17 @@ def validate_positive(name: str, value: float, *, allow_zero: bool = False) -> f
     return number
 
 
+def validate_positive_int(name: str, value: int | None) -> int | None:
+    """Check an optional positive integer setting (``None`` passes through).
+
+    Raises:
+        ValueError: the value is not an integer >= 1 (booleans are refused).
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
 class CpuTimeEstimate(EnergyDevice):
     """Estimated CPU energy of this process (and its live child processes).
 

@@ -65,6 +65,7 @@ from lightning_sustain.energy.errors import (
     PowerLimitError,
     PowerLimitPermissionError,
 )
+from lightning_sustain.energy.estimate import validate_positive_int
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.energy.nvml import NvmlGpu, nvml_init, nvml_shutdown
 
@@ -391,14 +392,8 @@ class SustainDDPStrategy(DDPStrategy):
                 "comm_hook and ddp_comm_hook are exclusive: pass a hook by name "
                 "(comm_hook='fp16') or as a callable (ddp_comm_hook=...), not both."
             )
-        for name, value in (
-            ("shift_every_n_steps", shift_every_n_steps),
-            ("log_every_n_steps", log_every_n_steps),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        validate_positive_int("shift_every_n_steps", shift_every_n_steps)
+        validate_positive_int("log_every_n_steps", log_every_n_steps)
         if job_power_budget_w is not None and (
             isinstance(job_power_budget_w, bool)
             or not isinstance(job_power_budget_w, (int, float))
