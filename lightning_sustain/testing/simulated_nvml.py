@@ -141,6 +141,19 @@ class _Readout(ctypes.Structure):
 _SET_PERMITTED, _SET_FIELD_VALUES, _SET_MIG, _SET_ARCH, _SET_FAULT = range(5)
 
 
+#: SimulatedDeviceSpec fields that are non-negative numbers (validated, copied to C).
+_NUMERIC_SPEC_FIELDS = (
+    "idle_power_w",
+    "busy_power_w",
+    "min_limit_w",
+    "max_limit_w",
+    "default_limit_w",
+    "speed",
+    "perf_exponent",
+    "initial_energy_j",
+)
+
+
 @dataclass
 class SimulatedDeviceSpec:
     """Static description of one SIMULATED GPU.
@@ -194,16 +207,7 @@ class SimulatedDeviceSpec:
         Raises:
             ValueError: A setting is out of range; the message names it.
         """
-        for field_name in (
-            "idle_power_w",
-            "busy_power_w",
-            "min_limit_w",
-            "max_limit_w",
-            "default_limit_w",
-            "speed",
-            "perf_exponent",
-            "initial_energy_j",
-        ):
+        for field_name in _NUMERIC_SPEC_FIELDS:
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(
@@ -475,16 +479,7 @@ class SimulatedNVML:
         for c_spec, spec in zip(c_specs, self._specs, strict=True):
             c_spec.name = spec.name.encode()
             c_spec.uuid = (spec.uuid or "").encode()
-            for field_name in (
-                "idle_power_w",
-                "busy_power_w",
-                "min_limit_w",
-                "max_limit_w",
-                "default_limit_w",
-                "speed",
-                "perf_exponent",
-                "initial_energy_j",
-            ):
+            for field_name in _NUMERIC_SPEC_FIELDS:
                 setattr(c_spec, field_name, float(getattr(spec, field_name)))
             c_spec.architecture = ARCHITECTURES[spec.architecture]
             c_spec.set_limit_permitted = int(spec.set_limit_permitted)
