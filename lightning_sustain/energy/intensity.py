@@ -201,9 +201,12 @@ class ConstantIntensity:
 
     def __post_init__(self) -> None:
         value = self.g_co2e_per_kwh
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value
-        ) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
             raise ValueError(f"g_co2e_per_kwh must be a finite number >= 0, got {value!r}.")
 
     @classmethod
@@ -212,12 +215,15 @@ class ConstantIntensity:
         return cls(intensity.g_co2e_per_kwh, intensity.source)
 
     def intensity_at(self, time_unix_s: float) -> IntensityReading:
+        """The constant, whatever the time."""
         return IntensityReading(self.g_co2e_per_kwh, "constant", self.source)
 
     def mean_intensity(self, start_unix_s: float, end_unix_s: float) -> tuple[float, float]:
+        """The constant and no fallback seconds."""
         return self.g_co2e_per_kwh, 0.0
 
     def describe(self) -> str:
+        """One line naming the value and its source."""
         return f"constant {self.g_co2e_per_kwh:g} gCO2e/kWh ({self.source})"
 
 
@@ -437,6 +443,7 @@ class TimeSeriesIntensity:
             logger.warning("%s. Later gaps are counted, not logged.", message)
 
     def intensity_at(self, time_unix_s: float) -> IntensityReading:
+        """The interpolated intensity at a Unix time (the fallback where not covered)."""
         t = float(time_unix_s)
         idx = int(np.searchsorted(self._s, t, side="right") - 1)
         if idx < 0 or t >= self.end_unix_s or self._fb[idx]:
@@ -452,6 +459,7 @@ class TimeSeriesIntensity:
         return IntensityReading(float(value), "series", self.series.source, marginal)
 
     def mean_intensity(self, start_unix_s: float, end_unix_s: float) -> tuple[float, float]:
+        """Exact time-mean over ``[start, end]`` of the series, and fallback seconds."""
         values, fb = self.mean_intensities([start_unix_s], [end_unix_s])
         return float(values[0]), float(fb[0])
 
@@ -481,6 +489,7 @@ class TimeSeriesIntensity:
         return mean, fallback_s
 
     def describe(self) -> str:
+        """One line naming the file (or series) and the interpolation."""
         return f"time series {self.series.source} ({self.interpolation})"
 
     # -- a file that changes --------------------------------------------------------
@@ -503,7 +512,9 @@ class TimeSeriesIntensity:
             series = read_intensity_file(self.path, **self._read_kwargs)
         except (IntensityDataError, OSError) as exc:
             if self.strict:
-                raise IntensityDataError(f"{self.path} changed into an invalid file: {exc}") from exc
+                raise IntensityDataError(
+                    f"{self.path} changed into an invalid file: {exc}"
+                ) from exc
             message = (
                 f"{self.path} changed during the run and the new version cannot be used "
                 f"({exc}); the previous version stays in use."
@@ -545,10 +556,12 @@ class TimeResolvedCO2e:
 
     @property
     def total_co2e_g(self) -> float:
+        """Sum over the intervals, grams CO2e."""
         return float(self.co2e_g.sum())
 
     @property
     def total_energy_j(self) -> float:
+        """Sum over the intervals, joules."""
         return float(self.energy_j.sum())
 
     @property
@@ -596,7 +609,7 @@ def time_resolved_co2e(
     if isinstance(provider, TimeSeriesIntensity):
         mean, fb = provider.mean_intensities(a, b)
     else:
-        pairs = [provider.mean_intensity(float(x), float(y)) for x, y in zip(a, b)]
+        pairs = [provider.mean_intensity(float(x), float(y)) for x, y in zip(a, b, strict=True)]
         mean = np.asarray([p[0] for p in pairs], dtype=float)
         fb = np.asarray([p[1] for p in pairs], dtype=float)
     co2 = e / JOULES_PER_KWH * pue * mean
@@ -697,7 +710,11 @@ def _unit_factor(unit: str, where: str) -> float:
 
 
 def _finish(
-    times: list[float], values: list[float], marginal: list[float] | None, path: str, rows: list[int]
+    times: list[float],
+    values: list[float],
+    marginal: list[float] | None,
+    path: str,
+    rows: list[int],
 ) -> IntensitySeries:
     for k in range(1, len(times)):
         if times[k] == times[k - 1]:
@@ -722,7 +739,9 @@ def _finish(
 
 def _detect(header: list[str]) -> str:
     low = [h.strip().lower() for h in header]
-    if any(h.startswith("datetime (utc)") for h in low) and any("carbon intensity" in h for h in low):
+    if any(h.startswith("datetime (utc)") for h in low) and any(
+        "carbon intensity" in h for h in low
+    ):
         return "electricitymaps"
     if "point_time" in low:
         return "watttime"
@@ -801,7 +820,12 @@ def _read_csv(
     elif fmt == "generic":
         time_col = _find(header, r"timestamp", r"time", r"datetime", r"date")
         value_col = _find(
-            header, r"g_co2e_per_kwh", r"carbon_intensity", r"intensity", r"value", r"carbonintensity"
+            header,
+            r"g_co2e_per_kwh",
+            r"carbon_intensity",
+            r"intensity",
+            r"value",
+            r"carbonintensity",
         )
         marginal_col = _find(header, r"marginal_g_co2e_per_kwh", r"marginal")
         unit_col = _find(header, r"units?")
@@ -847,7 +871,9 @@ def _read_csv(
         elif value_col is not None:
             values.append(_parse_value(row[value_col], row_factor, where, header[value_col]))
         if marginal is not None and marginal_col is not None:
-            marginal.append(_parse_value(row[marginal_col], row_factor, where, header[marginal_col]))
+            marginal.append(
+                _parse_value(row[marginal_col], row_factor, where, header[marginal_col])
+            )
     if value_col is None and not gen_cols and marginal is not None:
         # WattTime publishes marginal rates only: they are the series' values, stated.
         values = list(marginal)

@@ -71,6 +71,6 @@ def write_intensity_csv(series: IntensitySeries, path: str | os.PathLike[str]) -
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["timestamp", "g_co2e_per_kwh"])
-        for t, v in zip(series.times_unix_s, series.g_co2e_per_kwh):
+        for t, v in zip(series.times_unix_s, series.g_co2e_per_kwh, strict=True):
             writer.writerow([f"{t:.3f}", f"{v:.3f}"])
     return out
