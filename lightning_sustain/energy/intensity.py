@@ -428,6 +428,16 @@ class TimeSeriesIntensity:
         fb_time = np.where(after, self._cum_fb[-1] + (t - self.end_unix_s), fb_time)
         return value, fb_time
 
+    def _values_at(self, times: np.ndarray) -> np.ndarray:
+        """The interpolated value at each time (the fallback where not covered)."""
+        t = np.asarray(times, dtype=float)
+        idx = np.clip(np.searchsorted(self._s, t, side="right") - 1, 0, self._s.size - 1)
+        s, e = self._s[idx], self._e[idx]
+        frac = np.clip((t - s) / np.where(e > s, e - s, 1.0), 0.0, 1.0)
+        v = self._v0[idx] + frac * (self._v1[idx] - self._v0[idx])
+        outside = (t < self.start_unix_s) | (t >= self.end_unix_s) | (self._fb[idx] > 0)
+        return np.where(outside, self.fallback.g_co2e_per_kwh, v)
+
     def _note_fallback(self, fallback_s: float, where: str) -> None:
         if fallback_s <= 0:
             return
@@ -475,14 +485,12 @@ class TimeSeriesIntensity:
         ia, fa = self._integrals(a)
         ib, fbb = self._integrals(b)
         length = b - a
-        safe = np.where(length > 0, length, 1.0)
+        safe = np.where(length > 1e-6, length, 1.0)
         mean = (ib - ia) / safe
         fallback_s = np.maximum(0.0, fbb - fa)
-        zero = length <= 0
+        zero = length <= 1e-6  # an instant: the value there (no round-off of a tiny difference)
         if zero.any():
-            eps = 1e-6
-            i2, f2 = self._integrals(a[zero] + eps)
-            mean[zero] = (i2 - ia[zero]) / eps
+            mean[zero] = self._values_at(a[zero])
             fallback_s[zero] = 0.0
         if a.size:
             self._note_fallback(float(fallback_s.sum()), f"{_iso(a.min())}..{_iso(b.max())}")
@@ -715,6 +723,7 @@ def _finish(
     marginal: list[float] | None,
     path: str,
     rows: list[int],
+    tag: str = "",
 ) -> IntensitySeries:
     for k in range(1, len(times)):
         if times[k] == times[k - 1]:
@@ -734,7 +743,7 @@ def _finish(
     m = None
     if marginal is not None and any(math.isfinite(x) for x in marginal):
         m = np.asarray(marginal, dtype=float)
-    return IntensitySeries(np.asarray(times), np.asarray(values), m, source=path)
+    return IntensitySeries(np.asarray(times), np.asarray(values), m, source=f"{path}{tag}")
 
 
 def _detect(header: list[str]) -> str:
@@ -831,7 +840,7 @@ def _read_csv(
         unit_col = _find(header, r"units?")
         if value_col is None:
             unit_match = [
-                (i, re.fullmatch(r"\s*(?:carbon_)?intensity\s*\[(.+)\]\s*", h.lower()))
+                (i, re.fullmatch(r"\s*(?:carbon_)?intensity\s*\[(.+)\]\s*", h, re.IGNORECASE))
                 for i, h in enumerate(header)
             ]
             for i, m in unit_match:
@@ -874,11 +883,12 @@ def _read_csv(
             marginal.append(
                 _parse_value(row[marginal_col], row_factor, where, header[marginal_col])
             )
+    tag = f" [{fmt}]"
     if value_col is None and not gen_cols and marginal is not None:
         # WattTime publishes marginal rates only: they are the series' values, stated.
         values = list(marginal)
-        path = f"{path} (WattTime marginal MOER used as intensity)"
-    return _finish(times, values, marginal, f"{path} [{fmt}]", rows)
+        tag = f" [{fmt}] (WattTime marginal MOER used as intensity)"
+    return _finish(times, values, marginal, path, rows, tag)
 
 
 def _read_json(text: str, path: str, zone: _dt.tzinfo) -> IntensitySeries:
@@ -937,10 +947,10 @@ def _read_json(text: str, path: str, zone: _dt.tzinfo) -> IntensitySeries:
             else values[-1]
         )
         rows.append(i + 1)
+    tag = f" [{fmt}]"
     if marginal_only:
-        path = f"{path} (WattTime marginal MOER used as intensity)"
-    series = _finish(times, values, marginal, f"{path} [{fmt}]", rows)
-    return series
+        tag += " (WattTime marginal MOER used as intensity)"
+    return _finish(times, values, marginal, path, rows, tag)
 
 
 def read_intensity_file(
