@@ -296,9 +296,8 @@ def decode_frame(
     """
     size = len(buf)
     if size < 4:
-        raise SampleDecodeError(
-            f"frame plaintext of {size} bytes is too short", shard=shard, frame=frame
-        )
+        raise SampleDecodeError(f"frame plaintext of {size} bytes is too short", shard=shard,
+                                frame=frame)
     (n,) = struct.unpack_from("<I", buf, 0)
     if expected_n is not None and n != expected_n:
         raise SampleDecodeError(
@@ -306,13 +305,13 @@ def decode_frame(
         )
     if n == 0 or n * schema.record_nbytes > size:
         raise SampleDecodeError(
-            f"frame claims {n} samples, which do not fit its {size} bytes", shard=shard, frame=frame
+            f"frame claims {n} samples, which do not fit its {size} bytes", shard=shard,
+            frame=frame
         )
     if frame_nbytes(schema, n) != size:
         raise SampleDecodeError(
-            f"frame of {size} bytes does not match {n} samples of the schema",
-            shard=shard,
-            frame=frame,
+            f"frame of {size} bytes does not match {n} samples of the schema", shard=shard,
+            frame=frame
         )
     out = {}
     pos = _aligned(4)
@@ -320,9 +319,8 @@ def decode_frame(
         count = n * int(math.prod(f.shape))
         arr = np.frombuffer(buf, dtype=f.np_dtype, count=count, offset=pos).reshape(n, *f.shape)
         if f.dtype == "bool" and count and arr.view(np.uint8).max() > 1:
-            raise SampleDecodeError(
-                f"field {f.name!r} holds a non-boolean byte", shard=shard, frame=frame
-            )
+            raise SampleDecodeError(f"field {f.name!r} holds a non-boolean byte", shard=shard,
+                                    frame=frame)
         out[f.name] = arr
         pos = _aligned(pos + n * f.nbytes)
     return out

@@ -75,19 +75,12 @@ class _PromptProvider(KeyProvider):
 
 def _add_key_args(p: argparse.ArgumentParser, prefix: str = "", what: str = "master key") -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument(
-        f"--{prefix}key-env",
-        metavar="NAME",
-        help=f"environment variable holding the {what} (hex/base64) or password",
-    )
-    g.add_argument(
-        f"--{prefix}key-file", metavar="PATH", help=f"file holding the {what} or password"
-    )
-    g.add_argument(
-        f"--{prefix}key-prompt",
-        action="store_true",
-        help="type the password (or key) at the terminal",
-    )
+    g.add_argument(f"--{prefix}key-env", metavar="NAME",
+                   help=f"environment variable holding the {what} (hex/base64) or password")
+    g.add_argument(f"--{prefix}key-file", metavar="PATH",
+                   help=f"file holding the {what} or password")
+    g.add_argument(f"--{prefix}key-prompt", action="store_true",
+                   help="type the password (or key) at the terminal")
 
 
 def _key_ref(args: argparse.Namespace, prefix: str = "", confirm: bool = False) -> KeyReference:
@@ -114,15 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split name (default: train)")
     p.add_argument("--label", metavar="COLUMN", help="CSV label column (stored as field y)")
     p.add_argument("--dataset-version", type=int, help="version (default: current + 1)")
-    p.add_argument(
-        "--password", action="store_true", help="new dataset: the secret is a password (scrypt)"
-    )
-    p.add_argument(
-        "--scrypt-n",
-        type=int,
-        default=1 << 17,
-        help="scrypt cost N for --password (power of two, default 2**17)",
-    )
+    p.add_argument("--password", action="store_true",
+                   help="new dataset: the secret is a password (scrypt)")
+    p.add_argument("--scrypt-n", type=int, default=1 << 17,
+                   help="scrypt cost N for --password (power of two, default 2**17)")
     p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
     p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -233,7 +233,9 @@ class EncryptedShardDataset(IterableDataset):
             batch_size=self.batch_size,
             drop_last=self.drop_last,
         )
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, self.rank, worker_id, 0x5EED])
+        rng = np.random.default_rng(
+            [self.seed & 0xFFFFFFFF, epoch, self.rank, worker_id, 0x5EED]
+        )
         bs = self.batch_size
         max_frame = max(u[2] for u in units)
         window = max(bs, self.shuffle_window_frames * max_frame) if self.shuffle else bs

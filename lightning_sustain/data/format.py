@@ -464,7 +464,11 @@ def _validate_body(body: Any, head: ManifestHeader, shard: str) -> Manifest:
         pos = SHARD_HEADER.size
         total = 0
         for f in frames_raw:
-            if not isinstance(f, list) or len(f) != 3 or not all(type(v) is int for v in f):
+            if (
+                not isinstance(f, list)
+                or len(f) != 3
+                or not all(type(v) is int for v in f)
+            ):
                 raise bad(f"shard {name!r}: frame entry malformed")
             offset, length, n = f
             if offset != pos or n <= 0:

@@ -260,15 +260,8 @@ class KeyReference:
     provider: Any = None
 
     def __post_init__(self) -> None:
-        given = [
-            n
-            for n, v in (
-                ("key_env", self.env),
-                ("key_file", self.file),
-                ("key_provider", self.provider),
-            )
-            if v is not None
-        ]
+        given = [n for n, v in (("key_env", self.env), ("key_file", self.file),
+                                ("key_provider", self.provider)) if v is not None]
         if len(given) != 1:
             raise KeyReferenceError(
                 "exactly one of key_env, key_file, key_provider must be given, got "
@@ -331,7 +324,8 @@ class KeyReference:
             value = value.encode("utf-8")
         if not isinstance(value, (bytes, bytearray, memoryview)) or not len(value):
             raise KeyReferenceError(
-                f"key provider {type(self.provider).__name__}.get_key() must return non-empty bytes"
+                f"key provider {type(self.provider).__name__}.get_key() must return "
+                "non-empty bytes"
             )
         return bytes(value)
 
@@ -446,13 +440,8 @@ class Keyring:
 
 def scrypt_kdf_params(n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> dict[str, Any]:
     """Fresh scrypt parameters with a random 16-byte salt, as stored in the keyring."""
-    return {
-        "name": "scrypt",
-        "salt": base64.b64encode(os.urandom(16)).decode(),
-        "n": n,
-        "r": r,
-        "p": p,
-    }
+    return {"name": "scrypt", "salt": base64.b64encode(os.urandom(16)).decode(), "n": n, "r": r,
+            "p": p}
 
 
 def load_keyring(root: str | os.PathLike[str]) -> Keyring:
@@ -530,9 +519,8 @@ def rotate_key(
     new_master = template.master_key(new)
     new_ring = Keyring.wrap(data_key, new_master, ring.dataset_id, kdf)
     new_ring.save(root)
-    logger.info(
-        "rotated dataset %s from key id %s to key id %s", root, ring.key_id, new_ring.key_id
-    )
+    logger.info("rotated dataset %s from key id %s to key id %s", root, ring.key_id,
+                new_ring.key_id)
     return new_ring
 
 

@@ -95,14 +95,8 @@ def _progress(total: int | None, enabled: bool, desc: str) -> Any:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with lightning
         return None
-    return tqdm(
-        total=total,
-        disable=not enabled,
-        desc=desc,
-        unit="samples",
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="samples", file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -203,7 +197,9 @@ class ShardWriter:
                 self.dataset_id = load_keyring(self.root).dataset_id
             return
         if not isinstance(key, (KeyReference, MasterKey)):
-            raise TypeError(f"key must be a KeyReference or MasterKey, got {type(key).__name__}")
+            raise TypeError(
+                f"key must be a KeyReference or MasterKey, got {type(key).__name__}"
+            )
         if (self.root / KEYRING_NAME).exists():
             ring = load_keyring(self.root)
             master = key if isinstance(key, MasterKey) else ring.master_key(key)
@@ -297,7 +293,9 @@ class ShardWriter:
             self._emit(cols, start, start + k)
         rest = n % k
         if rest:
-            self._pending.extend({name: cols[name][i] for name in cols} for i in range(n - rest, n))
+            self._pending.extend(
+                {name: cols[name][i] for name in cols} for i in range(n - rest, n)
+            )
 
     def _per_frame(self) -> int:
         assert self._schema is not None
@@ -346,11 +344,7 @@ class ShardWriter:
             self._held = None
         index = len(self._shards)
         header = ShardHeader(
-            self._cipher,
-            self.dataset_id,
-            self.dataset_version,
-            self.split,
-            index,
+            self._cipher, self.dataset_id, self.dataset_version, self.split, index,
             len(self._frames),
         ).pack()
         self._fh.seek(0)
@@ -420,24 +414,14 @@ class ShardWriter:
         if self._bar is not None:
             self._bar.close()
         result = WriteResult(
-            str(self.root),
-            self.split,
-            self.dataset_id.hex(),
-            self.dataset_version,
-            self.key_id,
-            self._num_samples,
-            len(self._shards),
-            sum(len(s.frames) for s in self._shards),
+            str(self.root), self.split, self.dataset_id.hex(), self.dataset_version, self.key_id,
+            self._num_samples, len(self._shards), sum(len(s.frames) for s in self._shards),
             self._bytes,
         )
         logger.info(
             "wrote split %s of %s: %d samples, %d shards, version %d, key id %s",
-            self.split,
-            self.root,
-            result.num_samples,
-            result.num_shards,
-            result.dataset_version,
-            result.key_id,
+            self.split, self.root, result.num_samples, result.num_shards,
+            result.dataset_version, result.key_id,
         )
         return result
 
@@ -508,9 +492,8 @@ def write_torch_dataset(
     total = len(dataset) if hasattr(dataset, "__len__") else None
     kwargs.setdefault("total", total)
     iterable: Iterable[Any] = (
-        (dataset[i] for i in range(total))
-        if total is not None and hasattr(dataset, "__getitem__")
-        else dataset
+        (dataset[i] for i in range(total)) if total is not None and hasattr(
+            dataset, "__getitem__") else dataset
     )
     with ShardWriter(root, split, key, **kwargs) as w:
         for item in iterable:
