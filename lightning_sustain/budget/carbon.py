@@ -147,9 +147,13 @@ def _forecast(
     points = max(1, min(points, MAX_FORECAST_POINTS))
     dt = (end_unix_s - start_unix_s) / points
     starts = start_unix_s + dt * np.arange(points)
-    values = np.asarray(
-        [provider.mean_intensity(float(s), float(s + dt))[0] for s in starts], dtype=float
-    )
+    many = getattr(provider, "mean_intensities", None)
+    if callable(many):  # vectorised (TimeSeriesIntensity)
+        values = np.asarray(many(starts, starts + dt)[0], dtype=float)
+    else:
+        values = np.asarray(
+            [provider.mean_intensity(float(s), float(s + dt))[0] for s in starts], dtype=float
+        )
     return starts, values, dt
 
 
