@@ -129,8 +129,9 @@ class CarbonAwareController(Callback):
         perf_exponent: the planning model's exponent (time ~ cap ** -exponent).
         power_control: ``"auto"`` (hardware where permitted, else software),
             ``"hardware"`` or ``"software"``.
-        busy_power_w: the busy power per GPU the fractions refer to; None: measured
-            during the warm-up.
+        busy_power_w: the busy power per GPU the fractions refer to (e.g. read from
+            ``nvidia-smi`` while training uncapped); None: the GPU's default power limit
+            (conservative: the slowdown is over- rather than under-estimated).
         pause_above_g_per_kwh: pause threshold (pause mode).
         deadline: ISO 8601 time the run must end by (naive: UTC).
         deadline_s: or seconds after the first fit start (kept across resumes).
@@ -440,25 +441,22 @@ class CarbonAwareController(Callback):
         self._measured_until_s = covered
 
     def _measure_ref_power(self) -> float | None:
+        """The busy power the cap fractions refer to (all this process's capped devices).
+
+        ``busy_power_w`` when given; else each GPU's default power limit (compute-bound
+        training runs at about its limit; where the device draws less, a fraction caps
+        less than the model assumes, so the projected slowdown errs high, never low);
+        for the software throttle without GPUs, the warm-up's mean power.
+        """
         if self.busy_power_w is not None:
             return self.busy_power_w * max(1, len(self._gpus))
+        if self._gpus:
+            return sum(gpu.default_power_limit_w() for gpu in self._gpus)
         if self.meter is None or len(self._warm_ends) < 2:
             return None
         t0, t1 = self._warm_ends[0], self._warm_ends[-1]
-        total = 0.0
-        for stream in self.meter.streams:
-            times, energies = stream.points_between(t0, t1)
-            if len(times) < 3:
-                return None
-            powers = [
-                (energies[i + 1] - energies[i]) / (times[i + 1] - times[i])
-                for i in range(len(times) - 1)
-                if times[i + 1] > times[i]
-            ]
-            if not powers:
-                return None
-            total += max(powers)  # a fully busy counter period: the busy power
-        return total
+        total = sum(self.meter.energy_between(t0, t1).values())
+        return total / (t1 - t0) if t1 > t0 and total > 0 else None
 
     # -- hot path --------------------------------------------------------------------------
     def on_train_batch_end(
