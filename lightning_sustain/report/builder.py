@@ -531,6 +531,8 @@ def build_report(
     power_budget_w: float | None = None,
     project_name: str = "lightning_sustain",
     metric_point: float | None = None,
+    intensity_file: str | Path | None = None,
+    intensity_timezone: str = "UTC",
 ) -> ReportResult:
     """Write the sustainability report of a run.
 
@@ -552,6 +554,9 @@ def build_report(
         project_name: ``project_name`` column of ``emissions.csv``.
         metric_point: size of one "point" of the target metric; default 0.01 (a
             percentage point) for metrics within [0, 1], else 1.
+        intensity_file: a carbon-intensity time series (CSV/JSON, docs/carbon.md): adds
+            time-resolved CO2e next to the annual figure and intensity under power.
+        intensity_timezone: IANA zone of naive timestamps in ``intensity_file``.
 
     Returns:
         The :class:`ReportResult`.
@@ -696,6 +701,10 @@ def build_report(
     if "metric" in plot_paths:
         blocks.append(Image(f"{target_metric} against cumulative energy", plot_paths["metric"]))
     blocks += _budget_section(trace, summary, energy_budget_kwh, power_budget_w, budget_source)
+    if intensity_file is not None:
+        blocks += _time_resolved_blocks(
+            trace, summary, intensity_file, intensity_timezone, plots_dir, note, warnings
+        )
     blocks.append(Heading("Plots"))
     for key, alt in (
         ("power", "Power over time per device"),
@@ -750,6 +759,36 @@ def build_report(
         progress=progress,
         warnings=warnings,
     )
+
+
+def _time_resolved_blocks(
+    trace: Trace | None,
+    summary: dict[str, Any],
+    intensity_file: str | Path,
+    timezone: str,
+    plots_dir: Path,
+    note: str,
+    warnings: list[str],
+) -> list[Block]:
+    """Time-resolved CO2e (report/carbon.py); a bad file becomes a warning, not a failure."""
+    from lightning_sustain.report import carbon as _carbon
+
+    if trace is None:
+        warnings.append("Time-resolved CO2e needs the step trace (energy_trace.csv).")
+        return []
+    try:
+        comparison = _carbon.compare_carbon(trace, summary, intensity_file, timezone=timezone)
+    except ValueError as err:  # IntensityDataError included: names file and row
+        warnings.append(f"Time-resolved CO2e could not be computed: {err}")
+        return []
+    plot: Path | None = None
+    try:
+        plot = _carbon.plot_power_and_intensity(
+            trace, comparison, plots_dir / "power_intensity.png", note=note
+        )
+    except Exception as err:  # a plot failing must not lose the report
+        warnings.append(f"The intensity plot could not be drawn: {type(err).__name__}: {err}")
+    return _carbon.carbon_section(comparison, plot)
 
 
 # -- command line -------------------------------------------------------------------------
@@ -808,6 +847,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="size of one point of the target metric (default: 0.01 for metrics in [0, 1], else 1)",
     )
+    p.add_argument(
+        "--intensity-file",
+        default=None,
+        help="carbon-intensity time series (CSV/JSON, docs/carbon.md) for time-resolved CO2e",
+    )
+    p.add_argument(
+        "--intensity-timezone", default="UTC", help="IANA zone of naive times in the file"
+    )
     return p
 
 
@@ -839,6 +886,8 @@ def report_main(argv: list[str] | None = None) -> int:
             power_budget_w=args.power_budget_w,
             project_name=args.project_name,
             metric_point=args.metric_point,
+            intensity_file=args.intensity_file,
+            intensity_timezone=args.intensity_timezone,
         )
     except ReportInputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
