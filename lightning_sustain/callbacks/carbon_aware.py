@@ -314,6 +314,8 @@ class CarbonAwareController(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._setup_mono_s = time.monotonic()
+        self._startup_s: float | None = None
         others = [
             cb
             for cb in trainer.callbacks
@@ -471,6 +473,9 @@ class CarbonAwareController(Callback):
             return
         now = time.monotonic()
         self._steps += 1
+        if getattr(self, "_startup_s", 0.0) is None:
+            # set-up to first step: what a restart costs, and about what ending a fit costs
+            self._startup_s = now - self._setup_mono_s
         if self._last_end_s is not None:
             interval = max(0.0, now - self._last_end_s - self._excluded_s)
             self._step_times.append(interval)
@@ -640,15 +645,18 @@ class CarbonAwareController(Callback):
             plan_pause_ok, resume_at = False, None
             reason = "the run's length is unknown (max_steps=-1): no pause"
         else:
-            overhead = self.resume_overhead_s if self.on_pause == "stop" else 0.0
+            startup = getattr(self, "_startup_s", None) or 0.0
+            overhead = 0.0
+            if self.on_pause == "stop":  # a restart costs at least what this start cost
+                overhead = max(self.resume_overhead_s, 2.0 * startup)
             plan = plan_pause(
                 self.provider,
                 now_unix,
                 threshold_g_per_kwh=self.pause_above_g_per_kwh,
-                remaining_s=remaining_s,
+                remaining_s=remaining_s + startup,  # the end of fit costs about as much
                 deadline_unix_s=self.deadline_unix_s,
                 resume_overhead_s=overhead,
-                margin=max(self.margin, 0.2),
+                margin=max(self.margin, 0.5),
                 resolution_s=max(1.0, self.decide_every_s / 4),
             )
             plan_pause_ok, resume_at, reason = plan.pause, plan.resume_at_unix_s, plan.reason
