@@ -27,6 +27,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "PowerLimitOptimizer": "lightning_sustain.callbacks.power_limit_optimizer",
     "SoftwareThrottle": "lightning_sustain.budget.throttle",
     "PowerLimitGuard": "lightning_sustain.budget.limits",
+    "CarbonAwareController": "lightning_sustain.callbacks.carbon_aware",
+    "TimeSeriesIntensity": "lightning_sustain.energy.intensity",
     "build_report": "lightning_sustain.report.builder",
     "ReportResult": "lightning_sustain.report.builder",
     "ReportInputError": "lightning_sustain.report.builder",
