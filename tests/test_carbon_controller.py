@@ -280,3 +280,47 @@ def test_refuses_to_share_limits_with_power_budget(tmp_path):
 def test_invalid_settings_name_the_setting(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CarbonAwareController(**kwargs)
+
+
+class StepProvider:
+    """A user-written live source: dirty for one second after its first use, then clean."""
+
+    def __init__(self):
+        self.t0 = None
+        self.calls = 0
+
+    def _value(self, t):
+        if self.t0 is None:
+            self.t0 = time.time()
+        return 600.0 if t < self.t0 + 1.0 else 100.0
+
+    def intensity_at(self, time_unix_s):
+        from lightning_sustain.energy.intensity import IntensityReading
+
+        self.calls += 1
+        return IntensityReading(self._value(time_unix_s), "series", "my live API")
+
+    def mean_intensity(self, start_unix_s, end_unix_s):
+        if end_unix_s <= start_unix_s or self.t0 is None:
+            return self._value(start_unix_s), 0.0
+        split = min(max(self.t0 + 1.0, start_unix_s), end_unix_s)
+        dirty = split - start_unix_s
+        total = end_unix_s - start_unix_s
+        return (600.0 * dirty + 100.0 * (total - dirty)) / total, 0.0
+
+    def describe(self):
+        return "my live API"
+
+
+def test_a_user_provider_plugs_in(sim, tmp_path):
+    provider = StepProvider()
+    controller = CarbonAwareController(
+        mode="pause", provider=provider, pause_above_g_per_kwh=300, on_pause="wait",
+        deadline_s=30, warmup_steps=2, decide_every_s=0.01,
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, [controller], max_steps=8)
+    trainer.fit(TinyClassifier(sim=sim, busy_s=0.005), loader(n=32 * 8))
+    assert trainer.global_step == 8
+    assert provider.calls > 0
+    assert controller.log.decisions[0].action == "pause_wait"
+    assert controller.log.decisions[-1].intensity_g_per_kwh == 100.0

@@ -627,8 +627,8 @@ class CarbonAwareController(Callback):
         return target
 
     def _remaining_wall_s(self, remaining: float) -> float:
-        recent = sorted(self._step_times)
-        per_step = recent[int(0.75 * (len(recent) - 1))] if recent else (self.base_step_s or 0.0)
+        # the slowest recent step, not a typical one: a deadline is a hard bound
+        per_step = max(self._step_times) if self._step_times else (self.base_step_s or 0.0)
         return remaining * per_step
 
     def _decide_pause(
