@@ -324,3 +324,17 @@ def test_a_user_provider_plugs_in(sim, tmp_path):
     assert provider.calls > 0
     assert controller.log.decisions[0].action == "pause_wait"
     assert controller.log.decisions[-1].intensity_g_per_kwh == 100.0
+
+
+def test_deadline_at_risk_is_warned_and_training_goes_on(sim, tmp_path, caplog):
+    path = _steps_file(tmp_path, [(-10, 600), (3600, 600)])
+    controller = CarbonAwareController(
+        mode="pause", intensity_file=path, pause_above_g_per_kwh=300, deadline_s=0.3,
+        warmup_steps=2, decide_every_s=0.01,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(tmp_path, [controller], max_steps=10)
+        trainer.fit(TinyClassifier(sim=sim, busy_s=0.05), loader(n=32 * 10))
+    assert trainer.global_step == 10
+    assert "at risk" in caplog.text
+    assert {d.action for d in controller.log.decisions} == {"run"}

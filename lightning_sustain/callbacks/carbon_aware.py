@@ -557,10 +557,26 @@ class CarbonAwareController(Callback):
             reading = self.fallback.intensity_at(now_unix)
         remaining = self._remaining_steps(trainer)
         assert self.base_step_s is not None
+        self._warn_if_deadline_at_risk(now_unix, remaining)
         if self.mode == "power":
             self._decide_power(trainer, pl_module, now_unix, reading, remaining)
         else:
             self._decide_pause(trainer, pl_module, now_unix, reading, remaining)
+
+    def _warn_if_deadline_at_risk(self, now_unix: float, remaining: float) -> None:
+        if self.deadline_unix_s is None or getattr(self, "_warned_deadline", False):
+            return
+        needed_s = self._remaining_wall_s(remaining) if math.isfinite(remaining) else math.inf
+        if now_unix + needed_s > self.deadline_unix_s:
+            self._warned_deadline = True
+            logger.warning(
+                "CarbonAwareController: the deadline %s is at risk even at full power: ~%.0f s "
+                "of work remain and %.0f s are left; no pause or cap is planned while it does "
+                "not fit.",
+                _iso(self.deadline_unix_s),
+                needed_s,
+                self.deadline_unix_s - now_unix,
+            )
 
     def _decide_power(
         self,
