@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import lightning.pytorch as pl
@@ -338,3 +339,53 @@ def test_deadline_at_risk_is_warned_and_training_goes_on(sim, tmp_path, caplog):
     assert trainer.global_step == 10
     assert "at risk" in caplog.text
     assert {d.action for d in controller.log.decisions} == {"run"}
+
+
+def test_configurable_from_yaml_like_lightning_cli():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CarbonAwareController, "carbon")
+    cfg = parser.parse_object(
+        {"carbon": {"mode": "pause", "pause_above_g_per_kwh": 350, "deadline_s": 3600.0,
+                    "on_pause": "wait", "country": "FR"}}
+    )  # fmt: skip
+    controller = parser.instantiate(cfg).carbon
+    assert isinstance(controller, CarbonAwareController)
+    assert controller.mode == "pause" and controller.fallback.g_co2e_per_kwh > 0
+
+
+class RewriteAt(Callback):
+    """Replaces the intensity file mid-run (a forecast refreshed by a cron job)."""
+
+    def __init__(self, path, step, text):
+        self.path, self.step, self.text = path, step, text
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(self.text)
+            os.replace(tmp, self.path)
+
+
+def test_file_changing_during_the_run(sim, tmp_path, caplog):
+    now = time.time()
+    path = _steps_file(tmp_path, [(-10, 200), (3600, 200)])
+    valid = f"timestamp,g_co2e_per_kwh\n{now - 10:.3f},700\n{now + 3600:.3f},700\n"
+    invalid = f"timestamp,g_co2e_per_kwh\n{now - 10:.3f},700\n{now - 20:.3f},-5\n"
+    controller = CarbonAwareController(
+        intensity_file=path, warmup_steps=2, decide_every_s=0.01, busy_power_w=350.0
+    )
+    with caplog.at_level(logging.INFO, logger="lightning_sustain"):
+        trainer = _trainer(
+            tmp_path,
+            [controller, RewriteAt(path, 6, valid), RewriteAt(path, 12, invalid)],
+            max_steps=18,
+        )
+        trainer.fit(TinyClassifier(sim=sim, busy_s=0.01), loader(n=32 * 18))
+    assert trainer.global_step == 18
+    seen = [d.intensity_g_per_kwh for d in controller.log.decisions]
+    assert seen[0] == 200 and seen[-1] == 700, "the valid new version is used, then kept"
+    assert "new version is in use" in caplog.text
+    assert "previous version stays in use" in caplog.text and "steps.csv" in caplog.text
