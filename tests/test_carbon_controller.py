@@ -389,3 +389,16 @@ def test_file_changing_during_the_run(sim, tmp_path, caplog):
     assert seen[0] == 200 and seen[-1] == 700, "the valid new version is used, then kept"
     assert "new version is in use" in caplog.text
     assert "previous version stays in use" in caplog.text and "steps.csv" in caplog.text
+
+
+def test_cpu_only_machine_uses_the_software_throttle(tmp_path):
+    path = _steps_file(tmp_path, [(-10, 600), (3600, 600)])
+    controller = CarbonAwareController(
+        intensity_file=path, max_slowdown=0.3, warmup_steps=3, decide_every_s=0.01,
+        cpu="estimate",
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, [controller], max_steps=12)
+    trainer.fit(TinyClassifier(), loader(n=32 * 12))
+    assert trainer.global_step == 12
+    assert controller.hardware_mode == "software"
+    assert controller.log.decisions and controller.energy_j > 0
