@@ -370,6 +370,8 @@ class CarbonAwareController(Callback):
         self._excluded_s = 0.0
         self._val_start: float | None = None
         self._last_decision_s = -math.inf
+        self._every_steps: int | None = None
+        self._every_from = 0
         self._fraction = 1.0
         self._step_times: deque[float] = deque(maxlen=32)
         self._step_co2e: deque[float] = deque(maxlen=8)
@@ -506,11 +508,34 @@ class CarbonAwareController(Callback):
             sleep_s = self._throttle_step(now)
             if sleep_s > 0:
                 time.sleep(sleep_s)
-        if self._check_co2e_budget(trainer):
+        due = self._decision_due(trainer, now)
+        # one process: the budget is checked every step; under DDP only at decision
+        # steps (a collective), so that no step pays for a collective
+        if (trainer.world_size <= 1 or due) and self._check_co2e_budget(trainer):
             return
-        if self.base_step_s is not None and now - self._last_decision_s >= self.decide_every_s:
-            self._last_decision_s = now
+        if due:
             self._decide(trainer, pl_module)
+
+    def _decision_due(self, trainer: pl.Trainer, now: float) -> bool:
+        """Time-based on one process; under DDP every N steps, N agreed by rank zero.
+
+        Ranks must reach a decision at the same step (pause decisions are collectives),
+        and their clocks differ: rank zero's ``decide_every_s / step time`` is broadcast
+        once, at a step every rank reaches together (end of the warm-up, or the first
+        step after a resume).
+        """
+        if self.base_step_s is None:
+            return False
+        if trainer.world_size <= 1:
+            if now - self._last_decision_s >= self.decide_every_s:
+                self._last_decision_s = now
+                return True
+            return False
+        if self._every_steps is None:
+            n = max(1, round(self.decide_every_s / max(self.base_step_s, 1e-9)))
+            self._every_steps = max(1, int(trainer.strategy.broadcast(n, src=0)))
+            self._every_from = self._steps
+        return (self._steps - self._every_from) % self._every_steps == 0
 
     def _throttle_step(self, now: float) -> float:
         assert self.throttle is not None and self.meter is not None
@@ -763,16 +788,25 @@ class CarbonAwareController(Callback):
     def _check_co2e_budget(self, trainer: pl.Trainer) -> bool:
         if self.max_co2e_g is None or self.status.get("status") != "training":
             return False
+        if self.base_step_s is None and trainer.world_size > 1:
+            return False  # under DDP the first check is at the first decision step
         lookahead = max(self._step_co2e) * 2 if self._step_co2e else 0.0
-        stop = self.co2e_g + lookahead > self.max_co2e_g
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        spent = self.co2e_g
+        if trainer.world_size > 1:  # the budget covers every rank's devices
+            import torch
+
+            summed = trainer.strategy.reduce(
+                torch.tensor([spent, lookahead], dtype=torch.float64,
+                             device=trainer.strategy.root_device),
+                reduce_op="sum",
+            )  # fmt: skip
+            spent, lookahead = (float(v) for v in summed.cpu().tolist())
+        if spent + lookahead <= self.max_co2e_g:
             return False
         reading = self.provider.intensity_at(time.time())
         reason = (
-            f"time-resolved CO2e {self.co2e_g:.4g} g + ~{lookahead:.3g} g for the next steps "
-            f"would exceed max_co2e_g={self.max_co2e_g:g}"
+            f"time-resolved CO2e {spent:.4g} g (all ranks) + ~{lookahead:.3g} g for the next "
+            f"steps would exceed max_co2e_g={self.max_co2e_g:g}"
         )
         self._record(trainer, None, time.time(), reading, "budget_stop", None, None, reason, 0.0)
         self._stop_with_checkpoint(trainer, "co2e_budget_reached", reason, None, reading)
