@@ -115,7 +115,7 @@ def test_power_mode_falls_back_to_software_without_permission(sim, tmp_path, cap
 
 
 def test_pause_stop_writes_status_and_resume_completes(sim, tmp_path):
-    path = _steps_file(tmp_path, [(-10, 600), (1.5, 100), (3600, 100)])
+    path = _steps_file(tmp_path, [(-10, 600), (4.0, 100), (3600, 100)])  # slack for load
     kwargs = dict(
         mode="pause",
         intensity_file=path,
@@ -133,7 +133,7 @@ def test_pause_stop_writes_status_and_resume_completes(sim, tmp_path):
     status = json.loads((tmp_path / "run" / STATUS_FILENAME).read_text())
     assert status["status"] == "paused_for_carbon"
     assert status["checkpoint"] and status["resume_at_unix_s"] > time.time() - 5
-    assert 0 <= status["resume_in_s"] <= 2.0
+    assert 0 <= status["resume_in_s"] <= 4.0
     assert controller.log.decisions[-1].action == "pause_stop"
     deadline = controller.deadline_unix_s
     # the scheduler requeues the job at resume_at
@@ -151,7 +151,7 @@ def test_pause_stop_writes_status_and_resume_completes(sim, tmp_path):
 
 
 def test_pause_wait_in_process_meets_the_deadline(sim, tmp_path):
-    path = _steps_file(tmp_path, [(-10, 600), (1.0, 100), (3600, 100)])
+    path = _steps_file(tmp_path, [(-10, 600), (3.0, 100), (3600, 100)])
     controller = CarbonAwareController(
         mode="pause", intensity_file=path, pause_above_g_per_kwh=300, on_pause="wait",
         deadline_s=30, warmup_steps=3, decide_every_s=0.01,
@@ -162,7 +162,8 @@ def test_pause_wait_in_process_meets_the_deadline(sim, tmp_path):
     assert trainer.global_step == 12
     actions = [d.action for d in controller.log.decisions]
     assert "pause_wait" in actions
-    assert time.time() - start >= 0.9
+    assert "pause_wait" in actions and controller.log.decisions[-1].intensity_g_per_kwh == 100
+    assert time.time() - start >= 2.5, "it waited for the clean period"
     assert time.time() < controller.deadline_unix_s
 
 
