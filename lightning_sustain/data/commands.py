@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--password", action="store_true",
                    help="new dataset: the secret is a password (scrypt)")
     p.add_argument("--scrypt-n", type=int, default=SCRYPT_N,
-                   help="scrypt cost N for --password (power of two in 2**14..2**19, "
+                   help="scrypt cost N for --password (power of two in 2**14..2**18, "
                    "default 2**17)")
     p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
     p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")

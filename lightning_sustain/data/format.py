@@ -709,6 +709,9 @@ class DatasetManifest:
         cipher: Cipher id.
         splits: Split name -> entry.
         updated_utc: ISO timestamp of the last commit.
+        reserved_version: Highest split version handed out to a writer so far (also to
+            writers that crashed or failed): the next writer gets a higher one, so no
+            version is ever bound into the frames of two writes.
     """
 
     dataset_id: bytes
@@ -716,12 +719,14 @@ class DatasetManifest:
     cipher: int
     splits: dict[str, SplitEntry]
     updated_utc: str = ""
+    reserved_version: int = 0
 
     def encode(self, aead: AESGCM | None) -> bytes:
         """Serialise and encrypt (``aead=None``: benchmark baseline, plaintext body)."""
         body = json.dumps(
             {
                 "dataset_version": self.dataset_version,
+                "reserved_version": self.reserved_version,
                 "updated_utc": self.updated_utc,
                 "splits": {
                     name: {"version": e.version, "write_id": e.write_id.hex(),
@@ -821,9 +826,12 @@ def decode_dataset_manifest(
                 or not isinstance(w, str) or not re.fullmatch(r"[0-9a-f]{32}", w)):
             raise bad(f"entry of split {name!r} malformed")
         splits[name] = SplitEntry(v, bytes.fromhex(w), n)
+    reserved = body.get("reserved_version", 0)
+    if type(reserved) is not int or not 0 <= reserved < 1 << 32:
+        raise bad("reserved version malformed")
     updated = body.get("updated_utc", "")
     return DatasetManifest(ds_id, version, cipher, splits,
-                           updated if isinstance(updated, str) else "")
+                           updated if isinstance(updated, str) else "", reserved)
 
 
 

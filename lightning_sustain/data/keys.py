@@ -78,8 +78,8 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 # The fixed window accepted on writing and reading (keyring.json is not authenticated
 # before the key is derived, so its parameters must not be able to force a huge
-# derivation): at most 4x the default work and 512 MiB, at least 1/8 of the default.
-SCRYPT_N_RANGE = (1 << 14, 1 << 19)
+# derivation): at most 4x the default work and 256 MiB, at least 1/8 of the default.
+SCRYPT_N_RANGE = (1 << 14, 1 << 18)
 SCRYPT_R_RANGE = (8, 8)
 SCRYPT_P_RANGE = (1, 2)
 SCRYPT_MAX_WORK = 4 * SCRYPT_N * SCRYPT_R * SCRYPT_P

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import logging
 import os
@@ -294,20 +295,35 @@ class ShardWriter:
         return found
 
     def _pick_version(self, requested: int | None) -> int:
+        """Hand out a version no other write of this dataset ever had (root lock held)."""
         dm = self._dataset_manifest()
         entry = dm.splits.get(self.split)
         current = entry.version if entry is not None else 0
+        floor = max(dm.reserved_version, dm.dataset_version)
         if requested is None:
-            return dm.dataset_version + 1
-        if type(requested) is not int or not 1 <= requested < 1 << 32:
+            version = floor + 1
+        elif type(requested) is not int or not 1 <= requested < 1 << 32:
             raise ValueError(f"dataset_version must be an integer in 1..2**32-1, got {requested}")
-        if requested <= current:
+        elif requested <= current:
             raise ValueError(
                 f"split {self.split!r} already exists at version {current}; write version "
                 f"{current + 1} or higher (or omit dataset_version) so that shards of the old "
                 "version cannot be replayed into the new one"
             )
-        return requested
+        elif requested <= floor:
+            raise ValueError(
+                f"version {requested} was already handed out to a write of this dataset (the "
+                f"highest so far is {floor}); write version {floor + 1} or higher, or omit "
+                "dataset_version"
+            )
+        else:
+            version = requested
+        if version >= 1 << 32:
+            raise ValueError("the dataset has used up its 2**32 versions; re-encrypt it")
+        if getattr(self, "_update_dataset", True):
+            reserved = dataclasses.replace(dm, reserved_version=version)
+            _write_file(self.root / DATASET_MANIFEST_NAME, reserved.encode(self._aead))
+        return version
 
     # -- writing --------------------------------------------------------------------------
 
@@ -502,7 +518,10 @@ class ShardWriter:
         self.generation = max(dm.dataset_version + 1, self.dataset_version)
         splits = dict(dm.splits)
         splits[self.split] = SplitEntry(self.dataset_version, self.write_id, self._num_samples)
-        new_dm = DatasetManifest(self.dataset_id, self.generation, self._cipher, splits, _now())
+        new_dm = DatasetManifest(
+            self.dataset_id, self.generation, self._cipher, splits, _now(),
+            max(dm.reserved_version, self.dataset_version),
+        )
         target = self.root / self.split
         old = None
         if os.path.lexists(target):
