@@ -465,7 +465,8 @@ class SplitReader:
             try:
                 self._aead.decrypt_into(self._ct_nonce, self._ct_body, aad, buf)
             except InvalidTag:
-                self.release(buf)  # zeroes what decrypt_into may have written
+                wipe(buf)  # decrypt_into may have written unauthenticated plaintext
+                self.release(buf)
                 raise _frame_failed(self._names[shard_index], frame_index) from None
         else:
             buf[:] = self._ct_body[:size]
@@ -474,6 +475,7 @@ class SplitReader:
             layout = self._layouts[n] = _layout(self.schema, n)
         found = _U32.unpack_from(buf, 0)[0]
         if found != n:
+            wipe(buf)
             self.release(buf)
             raise SampleDecodeError(
                 f"frame holds {found} samples, the manifest records {n}",
@@ -484,6 +486,8 @@ class SplitReader:
         for name, dtype, off, count, shape, is_bool in layout:
             arr = np.frombuffer(buf, dtype, count, off).reshape(shape)
             if is_bool and count and arr.view(np.uint8).max() > 1:
+                del arr
+                wipe(buf)
                 self.release(buf)
                 raise SampleDecodeError(f"field {name!r} holds a non-boolean byte",
                                         shard=self._names[shard_index], frame=frame_index)
