@@ -31,7 +31,13 @@ from lightning_sustain.data.errors import (
     ShardSwappedError,
     TruncatedShardError,
 )
-from lightning_sustain.data.format import DATASET_MANIFEST_NAME, MANIFEST_NAME, open_frame
+from lightning_sustain.data.format import (
+    _MANIFEST_AAD_PREFIX,
+    DATASET_MANIFEST_NAME,
+    MANIFEST_HEADER,
+    MANIFEST_NAME,
+    open_frame,
+)
 from lightning_sustain.data.keys import (
     KEYRING_NAME,
     DataKey,
@@ -41,7 +47,7 @@ from lightning_sustain.data.keys import (
     rotate_key,
     write_key_file,
 )
-from lightning_sustain.data.reader import open_split, verify_dataset
+from lightning_sustain.data.reader import open_split, resolve_data_key, verify_dataset
 from lightning_sustain.data.writer import ShardWriter, write_arrays
 
 KW = dict(frame_nbytes=1024, shard_nbytes=8192, progress=False)
@@ -445,14 +451,9 @@ def test_restoring_an_old_keyring_reenables_the_old_key_as_documented(ds, tmp_pa
 
 def test_manifest_type_confusion_is_our_error(ds):
     """An authenticated but malicious manifest (insider with the key): a list as dtype."""
-    from lightning_sustain.data.format import Manifest  # noqa: F401 - documents the target
-    from lightning_sustain.data.reader import resolve_data_key
-
     root, ref = ds
     data_key, ds_id, _ = resolve_data_key(root, ref)
     blob = (root / "train" / MANIFEST_NAME).read_bytes()
-    from lightning_sustain.data.format import MANIFEST_HEADER, _MANIFEST_AAD_PREFIX
-
     head = bytearray(blob[: MANIFEST_HEADER.size])
     nonce = bytes(head[-20:-8])
     body = json.loads(data_key.aead().decrypt(nonce, blob[MANIFEST_HEADER.size:],
