@@ -253,6 +253,30 @@ def frame_aad(
     )
 
 
+class FrameOpener:
+    """Decrypts the frames of one shard with no per-frame allocation.
+
+    Holds the shard's associated data in a ``bytearray`` whose last 5 bytes (frame index
+    and last-frame flag) are rewritten in place per frame; the caller passes the nonce and
+    ciphertext as buffers (e.g. cached ``memoryview`` slices of a reused read buffer) and
+    the output buffer. This is the whole per-frame cost on top of ``decrypt_into``.
+    """
+
+    __slots__ = ("_aad", "_aead", "_tail")
+
+    def __init__(self, aead: AESGCM, aad_base: bytes):
+        self._aead = aead
+        self._aad = bytearray(aad_base) + bytearray(_FRAME_POS.size)
+        self._tail = len(aad_base)
+
+    def open_into(
+        self, nonce: Any, body: Any, frame_index: int, last: bool, out: bytearray
+    ) -> None:
+        """Authenticate and decrypt into ``out``; raises ``InvalidTag`` (``out`` then dirty)."""
+        _FRAME_POS.pack_into(self._aad, self._tail, frame_index, last)
+        self._aead.decrypt_into(nonce, body, self._aad, out)
+
+
 def seal_frame(aead: AESGCM | None, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt one frame: ``nonce | ciphertext | tag`` (``aead=None``: benchmark baseline)."""
     if aead is None:

@@ -43,6 +43,7 @@ from lightning_sustain.data.format import (
     NONCE_NBYTES,
     SHARD_HEADER,
     DatasetManifest,
+    FrameOpener,
     Manifest,
     ShardHeader,
     _frame_failed,
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_OPEN_FILES = 16
 _POOL_SIZE = 16
-_FRAME_POS = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
 
 
@@ -270,7 +270,8 @@ class SplitReader:
         if self.manifest.num_samples == 0 or not self.manifest.shards:
             raise EmptyDatasetError(f"split {split!r} holds no samples", shard=mname)
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._aad_bases: dict[int, bytes] = {}
+        self._openers: dict[int, FrameOpener] = {}
+        self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
         self._ct: bytearray = bytearray(0)  # ciphertext read buffer
         self._ct_nonce = self._ct_body = memoryview(self._ct)
@@ -388,10 +389,11 @@ class SplitReader:
             os.close(fd)
             raise
         self._fds[si] = fd
-        self._aad_bases[si] = frame_aad_base(
-            self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
-            self.split, si,
-        )
+        if self._aead is not None:
+            self._openers[si] = FrameOpener(self._aead, frame_aad_base(
+                self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
+                self.split, si,
+            ))
         while len(self._fds) > _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
@@ -439,8 +441,8 @@ class SplitReader:
         Raises:
             ShardError: Missing, truncated, swapped, stale or modified data.
         """
-        info = self.manifest.shards[shard_index]
-        offset, length, n = info.frames[frame_index]
+        frames = self._frames[shard_index]
+        offset, length, n = frames[frame_index]
         fd = self._fds.get(shard_index)
         if fd is None:
             fd = self._fd(shard_index)
@@ -459,11 +461,11 @@ class SplitReader:
         pool = self._pool
         buf = pool.pop() if pool and len(pool[-1]) == size else bytearray(size)
         if self._aead is not None:
-            aad = self._aad_bases[shard_index] + _FRAME_POS.pack(
-                frame_index, frame_index == len(info.frames) - 1
-            )
             try:
-                self._aead.decrypt_into(self._ct_nonce, self._ct_body, aad, buf)
+                self._openers[shard_index].open_into(
+                    self._ct_nonce, self._ct_body, frame_index, frame_index == len(frames) - 1,
+                    buf,
+                )
             except InvalidTag:
                 wipe(buf)  # decrypt_into may have written unauthenticated plaintext
                 self.release(buf)
