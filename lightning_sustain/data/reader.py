@@ -65,15 +65,17 @@ _POOL_SIZE = 16
 _U32 = struct.Struct("<I")
 
 
+_ndarray = np.ndarray
+
+
 def _layout(schema: Schema, n: int) -> tuple:
-    """Where each field's column lies in a frame of ``n`` samples."""
+    """Where each field's column lies in a frame of ``n`` samples, and the bool fields."""
     out = []
     pos = 8
     for f in schema.fields:
-        count = n * int(np.prod(f.shape, dtype=np.int64))
-        out.append((f.name, f.np_dtype, pos, count, (n, *f.shape), f.dtype == "bool"))
+        out.append((f.name, f.np_dtype, pos, (n, *f.shape)))
         pos = (pos + n * f.nbytes + 7) // 8 * 8
-    return tuple(out)
+    return tuple(out), tuple(f.name for f in schema.fields if f.dtype == "bool")
 
 
 def _check_entry(dm: DatasetManifest, split: str, manifest: Manifest, mname: str) -> None:
@@ -484,16 +486,14 @@ class SplitReader:
                 shard=self._names[shard_index],
                 frame=frame_index,
             )
-        cols = {}
-        for name, dtype, off, count, shape, is_bool in layout:
-            arr = np.frombuffer(buf, dtype, count, off).reshape(shape)
-            if is_bool and count and arr.view(np.uint8).max() > 1:
-                del arr
+        cols = {name: _ndarray(shape, dtype, buf, off) for name, dtype, off, shape in layout[0]}
+        for name in layout[1]:  # bool fields: a byte other than 0/1 is malformed
+            if cols[name].view(np.uint8).max(initial=0) > 1:
+                cols.clear()
                 wipe(buf)
                 self.release(buf)
                 raise SampleDecodeError(f"field {name!r} holds a non-boolean byte",
                                         shard=self._names[shard_index], frame=frame_index)
-            cols[name] = arr
         return cols, buf
 
     def release(self, buf: bytearray) -> None:
