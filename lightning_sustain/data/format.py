@@ -101,6 +101,7 @@ def read_regular_file(
     error: type[ShardError],
     missing: type[ShardError] | None = None,
     missing_message: str = "does not exist",
+    label_in_text: bool = False,
 ) -> bytes:
     """Read a whole file that must be a regular file of at most ``max_nbytes`` bytes.
 
@@ -115,10 +116,15 @@ def read_regular_file(
         error: Exception class raised for every problem.
         missing: Exception class raised when the file does not exist (default ``error``).
         missing_message: Message for a missing file.
+        label_in_text: Start the message with ``label`` instead of setting ``shard`` (for
+            files outside the dataset, e.g. key files).
 
     Raises:
         ShardError: ``error`` (or ``missing``) naming ``label`` and the problem.
     """
+    if label_in_text:
+        error = _prefixed(error, label)
+        missing = _prefixed(missing, label) if missing is not None else None
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -155,6 +161,13 @@ def read_regular_file(
         raise error(f"cannot be read: {exc.strerror}", shard=label) from None
     finally:
         os.close(fd)
+
+
+def _prefixed(cls: type[ShardError], label: str) -> Any:
+    def make(message: str, shard: str | None = None) -> ShardError:
+        return cls(f"{label} {message}")
+
+    return make
 
 
 def _file_kind(mode: int) -> str:
