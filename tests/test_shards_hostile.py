@@ -334,7 +334,8 @@ def test_old_split_leftover_is_cleaned_by_the_next_write(ds):
     root, ref = ds
     leftover = root / ".train.old-0123456789ab"
     shutil.copytree(root / "train", leftover)
-    assert any("leftover" in w for w in verify_dataset(root, ref).warnings)
+    report = verify_dataset(root, ref)
+    assert report.ok and any("leftover" in w for w in report.warnings)
     write_arrays(root, "train", _data(), ref, **KW)
     assert not leftover.exists()
 

@@ -633,7 +633,8 @@ def verify_dataset(
         fail(exc)
         return report
     report.dataset_id, report.dataset_version = dm.dataset_id.hex(), dm.dataset_version
-    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
+    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}")
+                     if not p.parent.name.startswith("."))
     for name in on_disk:
         if name not in dm.splits and (splits is None or name in splits):
             exc = RollbackError(
