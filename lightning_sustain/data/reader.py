@@ -278,6 +278,7 @@ class SplitReader:
         self._ct: bytearray = bytearray(0)  # ciphertext read buffer
         self._ct_nonce = self._ct_body = memoryview(self._ct)
         self._layouts: dict[int, tuple] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
         self._names = [
             f"{self._rel}/{s.file}" for s in self.manifest.shards
         ]
@@ -407,6 +408,9 @@ class SplitReader:
             _, fd = self._fds.popitem()
             os.close(fd)
         self.wipe_pool()
+        for buf, _, _ in self._views.values():
+            wipe(buf)
+        self._views.clear()
 
     def wipe_pool(self) -> None:
         """Zero every pooled plaintext buffer (they are overwritten on reuse meanwhile)."""
@@ -474,9 +478,6 @@ class SplitReader:
                 raise _frame_failed(self._names[shard_index], frame_index) from None
         else:
             buf[:] = self._ct_body[:size]
-        layout = self._layouts.get(n)
-        if layout is None:  # the manifest guarantees the frame size fits n samples
-            layout = self._layouts[n] = _layout(self.schema, n)
         found = _U32.unpack_from(buf, 0)[0]
         if found != n:
             wipe(buf)
@@ -486,8 +487,23 @@ class SplitReader:
                 shard=self._names[shard_index],
                 frame=frame_index,
             )
-        cols = {name: _ndarray(shape, dtype, buf, off) for name, dtype, off, shape in layout[0]}
-        for name in layout[1]:  # bool fields: a byte other than 0/1 is malformed
+        # column views of a pooled buffer are built once per (buffer, sample count) and
+        # reused: the buffer is never resized, and callers drop views before release()
+        key = (id(buf), n)
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not buf:
+            layout = self._layouts.get(n)
+            if layout is None:  # the manifest guarantees the frame size fits n samples
+                layout = self._layouts[n] = _layout(self.schema, n)
+            if len(self._views) >= 2 * _POOL_SIZE:
+                self._views.clear()
+            cached = self._views[key] = (
+                buf,
+                {name: _ndarray(shape, dtype, buf, off) for name, dtype, off, shape in layout[0]},
+                layout[1],
+            )
+        cols = dict(cached[1])
+        for name in cached[2]:  # bool fields: a byte other than 0/1 is malformed
             if cols[name].view(np.uint8).max(initial=0) > 1:
                 cols.clear()
                 wipe(buf)
