@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
     p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mask", metavar="SPEC",
+                   help="masking rules: JSON/YAML file or inline JSON, e.g. "
+                   '\'{"patient_id": "pseudonymise", "age": {"op": "generalise", "width": 10}}\'')
     _add_key_args(p)
 
     p = sub.add_parser("verify", help="authenticate every frame; report the first bad one")
@@ -171,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             frame_nbytes=args.frame_kib * 1024,
             shard_nbytes=args.shard_mib * 1024 * 1024,
             progress=not args.no_progress,
+            masking=args.mask,
         )
         key = _key_ref(args, confirm=args.password)
         if src.suffix.lower() == ".npz":

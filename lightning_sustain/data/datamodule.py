@@ -411,6 +411,8 @@ class EncryptedShardDataModule(LightningDataModule):
         self.feature_names: list[str] | None = None
         self.schema: Schema | None = None
         self.key_id: str | None = None
+        # masking rules applied when the shards were written (authenticated manifest record)
+        self.masking: dict[str, Any] | None = None
         self._num_samples: dict[str, int] = {}
         self._seed: int | None = None
         # the provider object is not a hyperparameter (it may hold credentials)
@@ -463,13 +465,20 @@ class EncryptedShardDataModule(LightningDataModule):
                     self.root, name, data_key, dataset_id, expected_version=self.dataset_version
                 ) as reader:
                     schema = reader.schema
+                    masking = reader.manifest.masking
                     self._num_samples[which] = len(reader)
                 if self.schema is not None and schema.fields != self.schema.fields:
                     raise SchemaError(
                         f"split {name!r} has fields {schema.names}, other splits have "
                         f"{self.schema.names}"
                     )
+                if self.schema is not None and masking != self.masking:
+                    raise SchemaError(
+                        f"split {name!r} was masked differently from the other splits "
+                        f"({masking} vs {self.masking}); re-encrypt it with the same spec"
+                    )
                 if self.schema is None:
+                    self.masking = masking
                     self.schema = schema
                     self.feature_names = (
                         list(schema.feature_names) if schema.feature_names is not None else None
