@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from lightning_sustain.data.audit import audited
 from lightning_sustain.data.errors import (
     KeyFormatError,
     KeyReferenceError,
@@ -490,6 +491,7 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
     return Keyring(dataset_id, key_id, kdf, nonce, wrapped)
 
 
+@audited("rotate-key", key_arg="old")
 def rotate_key(
     root: str | os.PathLike[str],
     old: KeyReference | MasterKey | bytes,
@@ -507,6 +509,8 @@ def rotate_key(
 
     Returns:
         The new keyring (already written atomically).
+
+    Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
     ring = load_keyring(root)
     data_key = ring.unwrap(ring.master_key(old), str(root))

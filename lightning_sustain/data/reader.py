@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_sustain.data.audit import AuditSession, audited
 from lightning_sustain.data.codec import Schema, decode_frame
 from lightning_sustain.data.errors import (
     DatasetNotFoundError,
@@ -90,11 +91,17 @@ class SplitReader:
         expected_version: Refuse a manifest of another dataset version (rollback guard).
         allow_plaintext: Accept the unencrypted benchmark baseline format.
 
+    Attributes:
+        audit: Access-audit session fed with every decrypted frame (set by
+            :func:`open_split` and the DataModule); its record is appended on ``close``.
+
     Raises:
         DatasetNotFoundError: No manifest in the split directory.
         EmptyDatasetError: The split holds no samples.
         ShardError: Any authentication or consistency failure of the manifest.
     """
+
+    audit: AuditSession | None = None
 
     def __init__(
         self,
@@ -256,10 +263,13 @@ class SplitReader:
         return fd
 
     def close(self) -> None:
-        """Close open shard files."""
+        """Close open shard files (and append the audit record of :func:`open_split`)."""
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)
+        audit, self.audit = self.audit, None
+        if audit is not None:
+            audit.finish()
 
     def __del__(self) -> None:
         try:
@@ -319,6 +329,8 @@ class SplitReader:
         except BaseException:
             self.release(buf)
             raise
+        if self.audit is not None:
+            self.audit.frame(name, n)
         return cols, buf
 
     def release(self, buf: bytearray) -> None:
@@ -347,6 +359,7 @@ class SplitReader:
         return out
 
 
+@audited("open")
 def open_split(
     root: str | os.PathLike[str],
     split: str,
@@ -363,6 +376,9 @@ def open_split(
         key: Reference to the master key/password, or a :class:`MasterKey`.
         directory: Split directory relative to ``root`` (default: ``split``).
         expected_version: Refuse other dataset versions.
+
+    Every call appends an access-audit record when the reader is closed (keyword
+    arguments ``audit_path`` and ``audit_context``, see :mod:`lightning_sustain.data.audit`).
     """
     data_key, dataset_id, _ = resolve_data_key(root, key)
     return SplitReader(
@@ -401,6 +417,7 @@ class VerifyReport:
         return not self.errors
 
 
+@audited("verify")
 def verify_dataset(
     root: str | os.PathLike[str],
     key: KeyReference | MasterKey,
@@ -415,6 +432,8 @@ def verify_dataset(
         key: Master key reference.
         splits: Splits to check (default: every directory with a manifest).
         stop_at_first: Stop at the first failure.
+
+    Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
     root = Path(root)
     report = VerifyReport(str(root))
