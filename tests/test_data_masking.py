@@ -21,7 +21,7 @@ from lightning_sustain.data.masking import (
     pseudonymise_values,
 )
 from lightning_sustain.data.reader import open_split, resolve_data_key
-from lightning_sustain.data.writer import ShardWriter, write_arrays, write_csv
+from lightning_sustain.data.writer import ShardWriter, write_arrays
 
 
 @pytest.fixture()

@@ -338,7 +338,8 @@ class AuditSession:
         self.key_id: str | None = None
         self.versions: dict[str, int] = {}
         self.shards: dict[str, int] = {}
-        self.samples = 0
+        self.samples_decrypted = 0
+        self.samples: int | None = None  # rows handed to the caller, where it counts them
         self.extra: dict[str, Any] = {}
         self.spent_s = 0.0
         self._key: bytes | None = None
@@ -374,7 +375,11 @@ class AuditSession:
     def frame(self, shard: str, num_samples: int) -> None:
         """Record one decrypted frame (called by the reader)."""
         self.shards[shard] = self.shards.get(shard, 0) + 1
-        self.samples += num_samples
+        self.samples_decrypted += num_samples
+
+    def rows(self, num_samples: int) -> None:
+        """Record samples handed to the caller (less than decrypted at frame boundaries)."""
+        self.samples = (self.samples or 0) + num_samples
 
     def finish(self, exc: BaseException | None = None, outcome: str | None = None) -> None:
         """Append the record (once)."""
@@ -397,7 +402,8 @@ class AuditSession:
             "splits": sorted(self.versions),
             "shards": sorted(self.shards),
             "frames": sum(self.shards.values()),
-            "samples": self.samples,
+            "samples": self.samples if self.samples is not None else self.samples_decrypted,
+            "samples_decrypted": self.samples_decrypted,
             "key_id": self.key_id,
             "purpose": self.context.get("purpose"),
             "run_id": self.context.get("run_id"),

@@ -276,6 +276,8 @@ class EncryptedShardDataset(IterableDataset):
                 si, fi, _ = units[g]
                 cols, buf = reader.read_frame(si, fi)
                 buffers.append(buf)
+                if reader.audit is not None:
+                    reader.audit.rows(b - a)
                 chunks.append({k: cols[k][a:b] for k in names})
                 pending += b - a
                 remaining -= b - a
