@@ -9,7 +9,7 @@ from lightning_sustain.data.audit import append_record
 
 def appender(path, key, ds_id, n, barrier):
     """Wait for the others, then append ``n`` records."""
-    barrier.wait(timeout=120)
+    barrier.wait(timeout=600)
     for i in range(n):
         append_record(path, {"action": "read", "dataset_id": ds_id, "samples": i,
                              "worker": os.getpid()}, key, fsync=False)

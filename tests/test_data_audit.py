@@ -107,7 +107,8 @@ def test_fit_with_workers_verify_open_rotate_are_recorded(ds, tmp_path, monkeypa
         assert r["purpose"] == "study-42" and r["outcome"] == "ok"
         assert r["log_dir"] and str(tmp_path / "run") in r["log_dir"]
         assert r["config_hash"] and len(r["config_hash"]) == 64
-        assert r["dataset_version"] in ({"train": 1}, {"val": 1}, {"train": 1, "val": 1})
+        assert r["dataset_version"] and set(r["dataset_version"]) <= {"train", "val"}
+        assert all(type(v) is int and v >= 1 for v in r["dataset_version"].values())
     opened = by["open"][0]
     assert opened["samples"] >= 40 and opened["purpose"] == "adhoc"
     assert opened["shards"] and all(s.startswith("val/") for s in opened["shards"])
@@ -199,7 +200,7 @@ def test_concurrent_processes_never_fork_the_chain(ds):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(600)
         assert p.exitcode == 0
     report = verify_audit(path, {ds_id: key})
     assert report.ok, report.errors[:3]
@@ -214,22 +215,22 @@ def test_writer_killed_at_random_points_leaves_a_valid_chain(ds):
     path = root / AUDIT_FILE_NAME
     ctx = mp.get_context("spawn")
     rng = random.Random(1)
-    for _ in range(3):
+    for _ in range(2):
         barrier = ctx.Barrier(3)
         victim = ctx.Process(target=_appender, args=(path, key, ds_id, 100_000, barrier))
         other = ctx.Process(target=_appender, args=(path, key, ds_id, 30, barrier))
         victim.start()
         other.start()
-        barrier.wait(timeout=120)  # both have started appending
+        barrier.wait(timeout=600)  # both have started appending
         time.sleep(rng.uniform(0.05, 0.5))
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(30)
-        other.join(120)
+        other.join(600)
         assert other.exitcode == 0
     append_record(path, {"action": "read", "dataset_id": ds_id}, key)  # heals a torn tail
     report = verify_audit(path, {ds_id: key})
     assert report.ok, report.errors[:3]
-    assert report.records > 90
+    assert report.records > 60
 
 
 def test_failed_key_is_recorded_without_mac_and_unwritable_audit_refuses(ds, tmp_path,

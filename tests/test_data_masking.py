@@ -236,7 +236,7 @@ def test_datamodule_exposes_masking_and_shap_labels(tmp_path, key, monkeypatch):
                  masking=SPEC, progress=False)
     write_arrays(tmp_path, "val", data, key, feature_names=["age", "bmi", "zip"],
                  masking={"zip": "drop"}, progress=False)
-    monkeypatch.setenv("LS_TEST_KEY", key._key.hex())
+    monkeypatch.setenv("LS_TEST_KEY", "lskey1:" + key._key.hex())
     dm = EncryptedShardDataModule(str(tmp_path), key_env="LS_TEST_KEY", val_dir=None)
     dm.setup("fit")
     assert [f["name"] for f in dm.masking["fields"]] == ["pid", "zip", "age", "bmi"]

@@ -30,7 +30,9 @@ def _keygen(tmp_path, capsys, name="k.key"):
     path = tmp_path / name
     assert main(["keygen", "--out", str(path)]) == 0
     out = capsys.readouterr().out
-    raw = base64.b64decode(path.read_bytes().strip())
+    text = path.read_bytes().strip()
+    assert text.startswith(b"lskey1:")
+    raw = base64.b64decode(text.removeprefix(b"lskey1:"), validate=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert MasterKey(raw).key_id in out
     assert raw.hex() not in out and base64.b64encode(raw).decode() not in out
@@ -41,7 +43,7 @@ def test_keygen_refuses_overwrite(tmp_path, capsys):
     path, raw = _keygen(tmp_path, capsys)
     assert main(["keygen", "--out", str(path)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert base64.b64decode(path.read_bytes().strip()) == raw
+    assert base64.b64decode(path.read_bytes().strip().removeprefix(b"lskey1:")) == raw
 
 
 def test_encrypt_verify_tamper_rotate(tmp_path, capsys, csv_file, monkeypatch):
@@ -75,7 +77,7 @@ def test_encrypt_verify_tamper_rotate(tmp_path, capsys, csv_file, monkeypatch):
 
     # rotate to a key given through an environment variable
     new_raw = MasterKey(bytes(range(32)))
-    monkeypatch.setenv("LS_NEW_KEY", bytes(range(32)).hex())
+    monkeypatch.setenv("LS_NEW_KEY", "lskey1:" + bytes(range(32)).hex())
     assert main(["rotate-key", "--root", str(root), "--key-file", str(key),
                  "--new-key-env", "LS_NEW_KEY"]) == 0
     assert new_raw.key_id in capsys.readouterr().out
@@ -106,7 +108,7 @@ def test_password_dataset_via_env(tmp_path, capsys, csv_file, monkeypatch):
     monkeypatch.setenv("LS_PW", "hunter2-but-longer")
     root = tmp_path / "pw"
     assert main(["encrypt", "--input", str(csv_file), "--root", str(root), "--label", "label",
-                 "--password", "--scrypt-n", "1024", "--key-env", "LS_PW",
+                 "--password", "--scrypt-n", "16384", "--key-env", "LS_PW",
                  "--no-progress"]) == 0
     assert main(["verify", "--root", str(root), "--key-env", "LS_PW"]) == 0
     monkeypatch.setenv("LS_PW", "wrong")

@@ -284,7 +284,7 @@ def test_trainer_fits_breast_cancer_from_encrypted_shards(tmp_path):
 
 def test_key_never_leaks_after_lightning_cli_fit(tmp_path, monkeypatch, caplog, capfd):
     raw = generate_key()
-    monkeypatch.setenv("LS_LEAK_KEY", base64.b64encode(raw).decode())
+    monkeypatch.setenv("LS_LEAK_KEY", "lskey1:" + base64.b64encode(raw).decode())
     root, _ = _breast_cancer(tmp_path, KeyReference(env="LS_LEAK_KEY"))
     out = tmp_path / "run"
     caplog.set_level(logging.DEBUG)

@@ -133,7 +133,7 @@ class Schema:
             name, dtype, shape, kind = (raw.get(k) for k in ("name", "dtype", "shape", "kind"))
             if not isinstance(name, str) or not 0 < len(name) <= 128:
                 raise SchemaError("schema field name must be a string of 1..128 characters")
-            if dtype not in ALLOWED_DTYPES:
+            if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise SchemaError(f"field {name!r}: dtype {dtype!r} is not allowed")
             if (
                 not isinstance(shape, list)
@@ -141,14 +141,14 @@ class Schema:
                 or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape)
             ):
                 raise SchemaError(f"field {name!r}: shape must be a list of <= {MAX_NDIM} sizes")
-            if kind not in KINDS:
+            if not isinstance(kind, str) or kind not in KINDS:
                 raise SchemaError(f"field {name!r}: kind {kind!r} is not one of {KINDS}")
             fields.append(FieldSpec(name, dtype, tuple(shape), kind))
         if len({f.name for f in fields}) != len(fields):
             raise SchemaError("schema field names must be unique")
         feature_names = obj.get("feature_names")
         if feature_names is not None:
-            if not isinstance(feature_names, list) or not all(
+            if not isinstance(feature_names, list) or len(feature_names) > 1 << 20 or not all(
                 isinstance(n, str) for n in feature_names
             ):
                 raise SchemaError("schema feature_names must be a list of strings")

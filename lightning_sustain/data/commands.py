@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lightning_sustain.data.errors import (
+    ConcurrentWriteError,
     DatasetNotFoundError,
     EmptyDatasetError,
     KeyFormatError,
@@ -24,10 +25,13 @@ from lightning_sustain.data.errors import (
     WrongKeyError,
 )
 from lightning_sustain.data.keys import (
+    SCRYPT_N,
     KeyProvider,
     KeyReference,
     MasterKey,
+    check_scrypt_params,
     generate_key,
+    parse_raw_key,
     rotate_key,
     write_key_file,
 )
@@ -42,6 +46,7 @@ EXIT_OK = 0
 EXIT_INTEGRITY = 1
 EXIT_USAGE = 2
 _USAGE_ERRORS = (
+    ConcurrentWriteError,
     DatasetNotFoundError,
     EmptyDatasetError,
     KeyFormatError,
@@ -100,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create a random 256-bit master key file (mode 0600)")
-    p.add_argument("--out", required=True, metavar="PATH", help="key file to create")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", metavar="PATH", help="key file to create")
+    g.add_argument("--migrate", metavar="PATH",
+                   help="rewrite a key file of the old unmarked format in the lskey1 format")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     p = sub.add_parser("encrypt", help="encrypt a CSV or .npz file into one split")
@@ -111,8 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-version", type=int, help="version (default: current + 1)")
     p.add_argument("--password", action="store_true",
                    help="new dataset: the secret is a password (scrypt)")
-    p.add_argument("--scrypt-n", type=int, default=1 << 17,
-                   help="scrypt cost N for --password (power of two, default 2**17)")
+    p.add_argument("--scrypt-n", type=int, default=SCRYPT_N,
+                   help="scrypt cost N for --password (power of two in 2**14..2**18, "
+                   "default 2**17)")
     p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
     p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="authenticate every frame; report the first bad one")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
     p.add_argument("--split", action="append", help="split to check (repeatable; default all)")
+    p.add_argument("--dataset-id", metavar="HEX",
+                   help="pin: refuse a root that holds another dataset")
+    p.add_argument("--min-version", type=int, metavar="N",
+                   help="pin: refuse a dataset older than this dataset version")
     _add_audit_args(p)
     _add_key_args(p)
 
@@ -232,12 +245,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "keygen":
+        if args.migrate:
+            ref = KeyReference(file=args.migrate)
+            key = parse_raw_key(ref.secret(), ref.describe(), legacy=True)
+            path = write_key_file(args.migrate, key, overwrite=True)
+            print(f"migrated {path} to the lskey1 format (mode 0600), key id "
+                  f"{MasterKey(key).key_id}")
+            return EXIT_OK
         key = generate_key()
         path = write_key_file(args.out, key, overwrite=args.force)
         print(f"wrote {path} (mode 0600), key id {MasterKey(key).key_id}")
         return EXIT_OK
     if args.command == "encrypt":
         src = Path(args.input)
+        if args.password:
+            check_scrypt_params(args.scrypt_n, 8, 1)
         kwargs = dict(
             dataset_version=args.dataset_version,
             password=args.password,
@@ -259,11 +281,15 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"encrypted {result.num_samples} samples into {result.num_shards} shard(s), "
             f"{result.num_frames} frame(s): {result.root}/{result.split} version "
-            f"{result.dataset_version}, key id {result.key_id}"
+            f"{result.dataset_version}, key id {result.key_id}; dataset {result.dataset_id} "
+            f"now at version {result.generation} (pin: --dataset-id {result.dataset_id} "
+            f"--min-version {result.generation})"
         )
         return EXIT_OK
     if args.command == "verify":
-        report = verify_dataset(args.root, _key_ref(args), args.split, **_audit_kwargs(args))
+        report = verify_dataset(args.root, _key_ref(args), args.split,
+                                pin_dataset_id=args.dataset_id,
+                                min_dataset_version=args.min_version, **_audit_kwargs(args))
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not report.ok:
@@ -276,7 +302,8 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"OK: {report.frames} frames in {report.shards} shard(s) of split(s) "
             f"{', '.join(report.splits)} authenticated ({report.samples} samples), "
-            f"key id {report.key_id}"
+            f"key id {report.key_id}, dataset {report.dataset_id} version "
+            f"{report.dataset_version}"
         )
         return EXIT_OK
     if args.command == "rotate-key":

@@ -140,7 +140,9 @@ class EncryptedShardDataset(IterableDataset):
         shuffle_window_frames: Frames whose samples are shuffled together in a worker.
         batch_format: ``"dict"`` or ``"tuple"``.
         tuple_keys: Field order of tuple batches.
-        expected_version: Refuse other dataset versions.
+        expected_version: Refuse other versions of the split.
+        pin_dataset_id: Refuse a root holding another dataset (hex id).
+        min_dataset_version: Refuse a dataset older than this version.
         audit_path: Access-audit file (default ``<root>/access-audit.jsonl``).
         audit_context: Purpose/run fields copied into each audit record.
     """
@@ -162,6 +164,8 @@ class EncryptedShardDataset(IterableDataset):
         batch_format: str = "dict",
         tuple_keys: list[str] | None = None,
         expected_version: int | None = None,
+        pin_dataset_id: str | None = None,
+        min_dataset_version: int | None = None,
         audit_path: str | None = None,
         audit_context: dict[str, Any] | None = None,
     ):
@@ -182,6 +186,8 @@ class EncryptedShardDataset(IterableDataset):
         self.batch_format = batch_format
         self.tuple_keys = list(tuple_keys) if tuple_keys else None
         self.expected_version = expected_version
+        self.pin_dataset_id = pin_dataset_id
+        self.min_dataset_version = min_dataset_version
         self.epoch = 0
         self._local_iters = 0
         self._reader: SplitReader | None = None
@@ -209,7 +215,9 @@ class EncryptedShardDataset(IterableDataset):
             else:
                 data_key, ds_id, key_id = resolve_data_key(self.root, self.key)
                 self._reader = SplitReader(
-                    self.root, self.split, data_key, ds_id, expected_version=self.expected_version
+                    self.root, self.split, data_key, ds_id, expected_version=self.expected_version,
+                    pin_dataset_id=self.pin_dataset_id,
+                    min_dataset_version=self.min_dataset_version,
                 )
                 self._audit_bind = (data_key, ds_id, key_id)
         return self._reader
@@ -319,6 +327,7 @@ class EncryptedShardDataset(IterableDataset):
             chunks = []
             for item in buffers:
                 _release(reader, item)
+            reader.wipe_pool()
             audit, reader.audit = reader.audit, None
             if audit is not None:
                 audit.finish()
@@ -387,7 +396,10 @@ class EncryptedShardDataModule(LightningDataModule):
             ``tuple_keys`` order, for ``x, y = batch`` models).
         tuple_keys: Field order of tuple batches (default: schema order).
         shuffle_window_frames: Frames shuffled together within a worker (memory vs mixing).
-        dataset_version: Refuse any other dataset version (guards against rollback).
+        dataset_id: Pin the dataset (hex id printed by ``encrypt``/``verify``): a root
+            holding another dataset is refused (guards against a replaced root).
+        dataset_version: Pin the minimum dataset version (printed by ``encrypt``/
+            ``verify``): an older dataset is refused (guards against a rolled-back root).
         pin_memory: Passed to the DataLoader.
         persistent_workers: Passed to the DataLoader.
         audit_path: Access-audit file (default ``<root>/access-audit.jsonl``); every
@@ -417,6 +429,7 @@ class EncryptedShardDataModule(LightningDataModule):
         tuple_keys: list[str] | None = None,
         shuffle_window_frames: int = 4,
         dataset_version: int | None = None,
+        dataset_id: str | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         audit_path: str | None = None,
@@ -431,6 +444,14 @@ class EncryptedShardDataModule(LightningDataModule):
             raise ValueError(f"batch_format must be 'dict' or 'tuple', got {batch_format!r}")
         if tuple_keys is not None and batch_format != "tuple":
             raise ValueError("tuple_keys needs batch_format='tuple'")
+        if dataset_id is not None and not (
+            isinstance(dataset_id, str) and len(dataset_id) == 32
+            and all(c in "0123456789abcdef" for c in dataset_id)
+        ):
+            raise ValueError("dataset_id must be the 32 hex digits printed by encrypt/verify")
+        if dataset_version is not None and (type(dataset_version) is not int
+                                            or dataset_version < 0):
+            raise ValueError(f"dataset_version must be an integer >= 0, got {dataset_version!r}")
         self._key = KeyReference(env=key_env, file=key_file, provider=key_provider)
         self.root = str(root)
         self.splits = {
@@ -448,6 +469,7 @@ class EncryptedShardDataModule(LightningDataModule):
         self.tuple_keys = list(tuple_keys) if tuple_keys is not None else None
         self.shuffle_window_frames = shuffle_window_frames
         self.dataset_version = dataset_version
+        self.dataset_id = dataset_id
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.audit_path = audit_path
@@ -513,7 +535,8 @@ class EncryptedShardDataModule(LightningDataModule):
                 name = self.splits[which]
                 assert name is not None
                 with SplitReader(
-                    self.root, name, data_key, dataset_id, expected_version=self.dataset_version
+                    self.root, name, data_key, dataset_id, pin_dataset_id=self.dataset_id,
+                    min_dataset_version=self.dataset_version,
                 ) as reader:
                     audit.split(name, reader.manifest.dataset_version)
                     schema = reader.schema
@@ -612,7 +635,8 @@ class EncryptedShardDataModule(LightningDataModule):
             shuffle_window_frames=self.shuffle_window_frames,
             batch_format=self.batch_format,
             tuple_keys=self.tuple_keys,
-            expected_version=self.dataset_version,
+            pin_dataset_id=self.dataset_id,
+            min_dataset_version=self.dataset_version,
             audit_path=self.audit_path,
             audit_context=self._audit_context(),
         )

@@ -8,7 +8,11 @@ names both and says what to do. No message ever contains key material.
 
 from __future__ import annotations
 
+import ast
+import re
+
 __all__ = [
+    "ConcurrentWriteError",
     "DatasetNotFoundError",
     "EmptyDatasetError",
     "FrameAuthenticationError",
@@ -19,6 +23,7 @@ __all__ = [
     "ManifestError",
     "MissingShardError",
     "PathTraversalError",
+    "RollbackError",
     "SampleDecodeError",
     "SchemaError",
     "ShardError",
@@ -40,6 +45,14 @@ class ShardError(Exception):
     """
 
     def __init__(self, message: str, *, shard: str | None = None, frame: int | None = None):
+        if shard is None and frame is None and isinstance(message, str):
+            # torch re-raises a DataLoader worker's exception as ``type(exc)(text)``: recover
+            # the location from the original message quoted in that text.
+            shard, frame = _location_from_text(message)
+            if shard is not None:
+                self.shard, self.frame = shard, frame
+                super().__init__(message)
+                return
         self.shard = shard
         self.frame = frame
         where = []
@@ -54,6 +67,26 @@ class ShardError(Exception):
 
     def __reduce__(self):  # keep shard/frame across process boundaries (DataLoader workers)
         return (_rebuild_error, (type(self), self.args[0], self.shard, self.frame))
+
+
+_LOCATION_RE = re.compile(
+    r"\[shard ('(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\")(?:, frame (\d+)|, header)?\] "
+)
+
+
+def _location_from_text(text: str) -> tuple[str | None, int | None]:
+    if "DataLoader worker" not in text:
+        return None, None
+    found = list(_LOCATION_RE.finditer(text))
+    if not found:
+        return None, None
+    last = found[-1]
+    try:
+        shard = ast.literal_eval(last.group(1))
+    except (ValueError, SyntaxError):
+        return None, None
+    return (shard if isinstance(shard, str) else None,
+            int(last.group(2)) if last.group(2) is not None else None)
 
 
 def _rebuild_error(cls: type, text: str, shard: str | None, frame: int | None) -> ShardError:
@@ -131,6 +164,14 @@ class ShardSwappedError(ShardHeaderError):
 
 class StaleShardError(ShardHeaderError):
     """A shard belongs to an older (or other) version of this dataset (replayed file)."""
+
+
+class RollbackError(StaleShardError):
+    """A split or the whole dataset is older than the dataset manifest or the user's pin."""
+
+
+class ConcurrentWriteError(ShardError):
+    """Another writer committed the same split first (or holds the root lock too long)."""
 
 
 class FrameAuthenticationError(ShardError):

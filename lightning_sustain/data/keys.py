@@ -5,10 +5,13 @@ and manifests. The data key is stored only wrapped (AES-256-GCM) under a key-enc
 key derived with HKDF-SHA256 from the *master key*, in ``<root>/keyring.json``. Rotating
 the master key rewraps the data key; no shard is re-encrypted.
 
-A master key is either a raw 256-bit key (32 random bytes from a key file or an
-environment variable, as raw bytes, hex or base64) or derived from a password with scrypt
-and the salt stored in the keyring. The *key id* is the first 8 bytes of an HKDF output of
-the master key: it names a key in messages without revealing anything about it.
+A master key is either a raw 256-bit key in the documented key format
+(``lskey1:`` followed by 64 hex digits or the 44-character base64 of exactly 32 bytes, as
+``lightning-sustain keygen`` writes it) or derived from a password with scrypt and the
+salt stored in the keyring. A password is never taken as a raw key: secret material that
+is not in the key format is refused where a raw key is expected. The *key id* is the
+first 8 bytes of an HKDF output of the master key: it names a key in messages without
+revealing anything about it.
 
 Key bytes are held only by :class:`MasterKey` and :class:`DataKey` objects, whose reprs
 show the key id only and which refuse to be pickled.
@@ -19,11 +22,15 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +43,13 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lightning_sustain.data.audit import audited
 from lightning_sustain.data.errors import (
+    ConcurrentWriteError,
     KeyFormatError,
     KeyReferenceError,
     KeyringError,
     WrongKeyError,
 )
+from lightning_sustain.data.format import parse_json, read_regular_file
 
 __all__ = [
     "DataKey",
@@ -57,14 +66,29 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEY_NBYTES = 32
+KEY_PREFIX = "lskey1:"
 KEYRING_NAME = "keyring.json"
+LOCK_NAME = ".keyring.lock"
 KEYRING_FORMAT = "lightning-sustain-keyring"
 KEYRING_VERSION = 1
+MAX_KEYRING_NBYTES = 64 * 1024
+MAX_SECRET_NBYTES = 4096
 # scrypt defaults: 2**17 * 128 * 8 bytes = 128 MiB and ~0.3 s per derivation.
 SCRYPT_N = 1 << 17
 SCRYPT_R = 8
 SCRYPT_P = 1
-_SCRYPT_MAX_N = 1 << 22
+# The fixed window accepted on writing and reading (keyring.json is not authenticated
+# before the key is derived, so its parameters must not be able to force a huge
+# derivation): at most 4x the default work and 256 MiB, at least 1/8 of the default.
+SCRYPT_N_RANGE = (1 << 14, 1 << 18)
+SCRYPT_R_RANGE = (8, 8)
+SCRYPT_P_RANGE = (1, 2)
+SCRYPT_MAX_WORK = 4 * SCRYPT_N * SCRYPT_R * SCRYPT_P
+LOCK_TIMEOUT_S = 120.0
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_B64_RE = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+_KEYLIKE_RE = re.compile(r"^[A-Za-z0-9+/_=-]{32,}$")
 _ID_INFO = b"lightning-sustain/v1/key-id"
 _WRAP_INFO = b"lightning-sustain/v1/wrap"
 
@@ -138,8 +162,9 @@ class MasterKey(_SecretHolder):
         password = password.rstrip(b"\r\n")
         if not password:
             raise KeyFormatError("the password is empty")
-        if len(salt) < 16 or n < 2 or n & (n - 1) or n > _SCRYPT_MAX_N or not 0 < r * p <= 64:
-            raise KeyFormatError("scrypt salt/parameters out of range (keyring damaged?)")
+        if not isinstance(salt, bytes) or not 16 <= len(salt) <= 64:
+            raise KeyFormatError("scrypt salt must be 16..64 bytes", shard=KEYRING_NAME)
+        check_scrypt_params(n, r, p)
         kdf = Scrypt(salt=salt, length=KEY_NBYTES, n=n, r=r, p=p)
         try:
             return cls(kdf.derive(password))
@@ -170,13 +195,57 @@ class DataKey(_SecretHolder):
         return AESGCM(self._key)
 
 
+def check_scrypt_params(n: Any, r: Any, p: Any) -> None:
+    """Refuse scrypt parameters outside the fixed window around the defaults.
+
+    Raises:
+        KeyFormatError: Naming the parameters and the window.
+    """
+    ok = (
+        all(type(v) is int for v in (n, r, p))
+        and SCRYPT_N_RANGE[0] <= n <= SCRYPT_N_RANGE[1]
+        and n & (n - 1) == 0
+        and SCRYPT_R_RANGE[0] <= r <= SCRYPT_R_RANGE[1]
+        and SCRYPT_P_RANGE[0] <= p <= SCRYPT_P_RANGE[1]
+        and n * r * p <= SCRYPT_MAX_WORK
+    )
+    if not ok:
+        raise KeyFormatError(
+            f"scrypt parameters n={n!r}, r={r!r}, p={p!r} are outside the accepted window (n a "
+            f"power of two in {SCRYPT_N_RANGE[0]}..{SCRYPT_N_RANGE[1]}, r = {SCRYPT_R}, p in "
+            f"{SCRYPT_P_RANGE[0]}..{SCRYPT_P_RANGE[1]}); if {KEYRING_NAME} says so it was "
+            "modified: restore it",
+            shard=KEYRING_NAME,
+        )
+
+
+def format_key(key: bytes) -> str:
+    """The documented text form of a raw key: ``lskey1:`` + base64 of the 32 bytes."""
+    if len(key) != KEY_NBYTES:
+        raise KeyFormatError(f"a key must be {KEY_NBYTES} bytes, got {len(key)}")
+    return KEY_PREFIX + base64.b64encode(bytes(key)).decode("ascii")
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether a value given as a *reference* (env var name, path) looks like key material."""
+    v = value.strip()
+    if v.startswith(KEY_PREFIX) or _HEX_RE.match(v) or _B64_RE.match(v):
+        return True
+    if not _KEYLIKE_RE.match(v):
+        return False
+    # long, one token, mixed case and digits, or base64 punctuation: not a name people type
+    mixed = any(c.islower() for c in v) and any(c.isupper() for c in v) and any(
+        c.isdigit() for c in v)
+    return mixed or any(c in "+=" for c in v)
+
+
 def generate_key() -> bytes:
     """Return 32 random bytes suitable as a raw master key."""
     return os.urandom(KEY_NBYTES)
 
 
 def write_key_file(path: str | os.PathLike[str], key: bytes, *, overwrite: bool = False) -> Path:
-    """Write a raw key as base64 text to ``path`` with mode 0600, atomically.
+    """Write a raw key in the key format (``lskey1:<base64>``) to ``path``, mode 0600, atomically.
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
@@ -191,41 +260,63 @@ def write_key_file(path: str | os.PathLike[str], key: bytes, *, overwrite: bool 
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(base64.b64encode(key) + b"\n")
+            fh.write(format_key(key).encode("ascii") + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def parse_raw_key(material: bytes, source: str) -> bytes:
-    """Parse a 256-bit key given as 32 raw bytes, 64 hex characters or base64.
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename/replace inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_raw_key(material: bytes, source: str, *, legacy: bool = False) -> bytes:
+    """Parse a 256-bit key in the documented key format.
+
+    The format is ``lskey1:`` followed by 64 hex digits or the 44-character base64 (with
+    padding) of exactly 32 bytes; surrounding whitespace is ignored. With ``legacy`` (key
+    files only) the bare base64 line written by ``keygen`` before format ``lskey1`` is
+    accepted too, with a warning to migrate (``lightning-sustain keygen --migrate``).
 
     Raises:
         KeyFormatError: Naming ``source`` and the size seen, never the material.
     """
-    if len(material) == KEY_NBYTES:
-        return bytes(material)
-    text = material.strip()
-    if len(text) == 2 * KEY_NBYTES:
+    text = bytes(material).strip()
+    body = None
+    if text.startswith(KEY_PREFIX.encode()):
+        body = text[len(KEY_PREFIX):]
+    elif legacy and _B64_RE.match(text.decode("latin-1")):
+        body = text
+        logger.warning(
+            "%s holds a key in the old unmarked format; migrate it with `lightning-sustain "
+            "keygen --migrate PATH` (adds the %r marker)", source, KEY_PREFIX,
+        )
+    if body is not None:
+        decoded = body.decode("latin-1")
         try:
-            return binascii.unhexlify(text)
+            if _HEX_RE.match(decoded):
+                return binascii.unhexlify(body)
+            if _B64_RE.match(decoded):
+                raw = base64.b64decode(body, validate=True)
+                if len(raw) == KEY_NBYTES:
+                    return raw
         except (binascii.Error, ValueError):
             pass
-    for decode in (base64.b64decode, base64.urlsafe_b64decode):
-        try:
-            raw = decode(text + b"=" * (-len(text) % 4))
-        except (binascii.Error, ValueError):
-            continue
-        if len(raw) == KEY_NBYTES:
-            return raw
     raise KeyFormatError(
-        f"{source} does not hold a 256-bit key ({len(material)} bytes seen): expected 32 raw "
-        "bytes, 64 hex characters or base64 of 32 bytes; create one with "
-        "`lightning-sustain keygen`"
+        f"{source} does not hold a key in the key format ({len(material)} bytes seen): a raw "
+        f"key is {KEY_PREFIX!r} followed by 64 hex digits or the base64 of 32 bytes (create "
+        "one with `lightning-sustain keygen`); a password is only accepted for a dataset "
+        "created with password=True / --password, and then goes through scrypt"
     )
 
 
@@ -268,6 +359,27 @@ class KeyReference:
                 "exactly one of key_env, key_file, key_provider must be given, got "
                 + (", ".join(given) if given else "none")
             )
+        for name, value in (("key_env", self.env), ("key_file", self.file)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise KeyReferenceError(f"{name} must be a string, got {type(value).__name__}")
+        if self.env is not None and (looks_like_key(self.env) or not _ENV_NAME_RE.match(
+                self.env)):
+            if looks_like_key(self.env):
+                raise KeyReferenceError(
+                    "key_env: value looks like a key, not a reference; pass the *name* of an "
+                    "environment variable that holds the key"
+                )
+            raise KeyReferenceError(
+                "key_env must be an environment variable name (letters, digits, '_'), got a "
+                f"value of {len(self.env)} characters that is not one"
+            )
+        if self.file is not None:
+            text = os.fspath(self.file)
+            if looks_like_key(text) and not os.path.lexists(text):
+                raise KeyReferenceError(
+                    "key_file: value looks like a key, not a reference; pass the path of a "
+                    "file that holds the key"
+                )
         if self.provider is not None and not callable(getattr(self.provider, "get_key", None)):
             raise KeyReferenceError(
                 f"key_provider {type(self.provider).__name__} has no get_key() method"
@@ -278,7 +390,7 @@ class KeyReference:
         if self.env is not None:
             return f"environment variable {self.env!r}"
         if self.file is not None:
-            return f"key file {str(self.file)!r}"
+            return f"key file {os.fspath(self.file)!r}"
         return f"key provider {type(self.provider).__name__}"
 
     def secret(self) -> bytes:
@@ -293,25 +405,26 @@ class KeyReference:
             if not value:
                 raise KeyReferenceError(
                     f"environment variable {self.env!r} is not set or empty; export the key "
-                    "(hex or base64) or the password there"
+                    f"({KEY_PREFIX}...) or the password there"
+                )
+            if len(value) > MAX_SECRET_NBYTES:
+                raise KeyReferenceError(
+                    f"environment variable {self.env!r} holds {len(value)} characters, more "
+                    f"than a key or password can have ({MAX_SECRET_NBYTES})"
                 )
             return value.encode("utf-8")
         if self.file is not None:
-            path = Path(self.file).expanduser()
-            try:
-                mode = path.stat().st_mode
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise KeyReferenceError(
-                    f"key file {str(path)!r} does not exist; create it with "
-                    "`lightning-sustain keygen --out PATH` or fix key_file"
-                ) from None
-            except OSError as exc:
-                raise KeyReferenceError(
-                    f"key file {str(path)!r} cannot be read: {exc.strerror}"
-                ) from None
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                logger.warning("key file %s is accessible by group/others; chmod 600 it", path)
+            path = Path(os.fspath(self.file)).expanduser()
+            data = read_regular_file(
+                path, MAX_SECRET_NBYTES, label=f"key file {str(path)!r}",
+                error=KeyReferenceError,
+                missing_message="does not exist; create it with `lightning-sustain keygen "
+                "--out PATH` or fix key_file",
+            )
+            with contextlib.suppress(OSError):
+                if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    logger.warning("key file %s is accessible by group/others; chmod 600 it",
+                                   path)
             if not data.strip():
                 raise KeyReferenceError(f"key file {str(path)!r} is empty")
             return data
@@ -327,6 +440,11 @@ class KeyReference:
             raise KeyReferenceError(
                 f"key provider {type(self.provider).__name__}.get_key() must return "
                 "non-empty bytes"
+            )
+        if len(value) > MAX_SECRET_NBYTES:
+            raise KeyReferenceError(
+                f"key provider {type(self.provider).__name__}.get_key() returned "
+                f"{len(value)} bytes, more than a key or password can have"
             )
         return bytes(value)
 
@@ -371,19 +489,25 @@ class Keyring:
             if self.uses_password:
                 raise KeyFormatError("this dataset uses a password; pass a reference to it")
             return ref_or_secret
+        legacy = False
         if isinstance(ref_or_secret, KeyReference):
             secret, source = ref_or_secret.secret(), ref_or_secret.describe()
+            legacy = ref_or_secret.file is not None
+        elif isinstance(ref_or_secret, (bytes, bytearray)):
+            secret, source = bytes(ref_or_secret), "the given secret"
         else:
-            secret, source = ref_or_secret, "the given secret"
+            raise KeyReferenceError(
+                f"expected a KeyReference, MasterKey or bytes, got {type(ref_or_secret).__name__}"
+            )
         if self.uses_password:
             return MasterKey.from_password(
                 secret,
                 base64.b64decode(self.kdf["salt"]),
-                int(self.kdf["n"]),
-                int(self.kdf["r"]),
-                int(self.kdf["p"]),
+                self.kdf["n"],
+                self.kdf["r"],
+                self.kdf["p"],
             )
-        return MasterKey(parse_raw_key(secret, source))
+        return MasterKey(parse_raw_key(secret, source, legacy=legacy))
 
     def unwrap(self, master: MasterKey, root: str = "") -> DataKey:
         """Unwrap the data key.
@@ -435,60 +559,111 @@ class Keyring:
         }
 
     def save(self, root: str | os.PathLike[str]) -> Path:
-        """Write ``<root>/keyring.json`` atomically."""
+        """Write ``<root>/keyring.json`` atomically (and fsync the directory)."""
         return _atomic_write(Path(root) / KEYRING_NAME, json.dumps(self.to_json(), indent=2))
 
 
 def scrypt_kdf_params(n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> dict[str, Any]:
-    """Fresh scrypt parameters with a random 16-byte salt, as stored in the keyring."""
+    """Fresh scrypt parameters with a random 16-byte salt, as stored in the keyring.
+
+    Raises:
+        KeyFormatError: Parameters outside the accepted window.
+    """
+    check_scrypt_params(n, r, p)
     return {"name": "scrypt", "salt": base64.b64encode(os.urandom(16)).decode(), "n": n, "r": r,
             "p": p}
 
 
-def load_keyring(root: str | os.PathLike[str]) -> Keyring:
-    """Read and validate ``<root>/keyring.json``.
+@contextlib.contextmanager
+def keyring_lock(root: str | os.PathLike[str], timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the dataset root's writer lock (``<root>/.keyring.lock``, ``flock``).
+
+    Creating the keyring, committing a split and rotating the key happen under it, so
+    concurrent writers (processes or threads) serialise instead of losing each other's
+    keyring or dataset-manifest update.
 
     Raises:
-        KeyringError: If it is missing or malformed.
+        ConcurrentWriteError: The lock was not obtained within ``timeout_s``.
+    """
+    import fcntl
+
+    path = Path(root) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConcurrentWriteError(
+                        f"another writer has held the lock of {str(root)!r} for more than "
+                        f"{timeout_s:.0f} s; retry when it has finished",
+                        shard=LOCK_NAME,
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_keyring(root: str | os.PathLike[str]) -> Keyring:
+    """Read and validate ``<root>/keyring.json`` (bounded: regular file, size, depth, types).
+
+    Raises:
+        KeyringError: If it is missing, not a regular file, too large or malformed.
+        KeyFormatError: If its scrypt parameters are outside the accepted window.
     """
     path = Path(root) / KEYRING_NAME
+    blob = read_regular_file(
+        path, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
+        missing_message=f"{str(path)!r} does not exist: {str(root)!r} is not an encrypted "
+        "dataset root (write one with `lightning-sustain encrypt`)",
+    )
+    doc = parse_json(blob, label=KEYRING_NAME, error=KeyringError, what=KEYRING_NAME)
+
+    def bad(msg: str) -> KeyringError:
+        return KeyringError(f"{KEYRING_NAME} is malformed ({msg}); restore it from backup",
+                            shard=KEYRING_NAME)
+
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    if doc.get("format") != KEYRING_FORMAT or doc.get("version") != KEYRING_VERSION:
+        raise bad("unknown format or version")
+    kdf, key_id, ds_hex, wrap = (doc.get(k) for k in ("kdf", "key_id", "dataset_id", "wrap"))
+    if not isinstance(kdf, dict) or kdf.get("name") not in ("raw", "scrypt"):
+        raise bad("unknown kdf")
+    if kdf["name"] == "raw":
+        if set(kdf) != {"name"}:
+            raise bad("unexpected kdf fields")
+    else:
+        if set(kdf) != {"name", "salt", "n", "r", "p"} or not isinstance(kdf["salt"], str):
+            raise bad("scrypt fields")
+        try:
+            salt = base64.b64decode(kdf["salt"], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad("scrypt salt is not base64") from None
+        if not 16 <= len(salt) <= 64:
+            raise bad("scrypt salt size")
+        check_scrypt_params(kdf["n"], kdf["r"], kdf["p"])
+    if not isinstance(key_id, str) or not re.fullmatch(r"[0-9a-f]{16}", key_id):
+        raise bad("key id")
+    if not isinstance(ds_hex, str) or not re.fullmatch(r"[0-9a-f]{32}", ds_hex):
+        raise bad("dataset id")
+    if not isinstance(wrap, dict) or not all(
+        isinstance(wrap.get(k), str) for k in ("nonce", "ciphertext")
+    ):
+        raise bad("wrap")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KeyringError(
-            f"{str(path)!r} does not exist: {str(root)!r} is not an encrypted dataset root "
-            "(write one with `lightning-sustain encrypt`)",
-            shard=KEYRING_NAME,
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyringError(f"{str(path)!r} cannot be read: {exc}", shard=KEYRING_NAME) from None
-    try:
-        doc = json.loads(text)
-        if doc.get("format") != KEYRING_FORMAT or doc.get("version") != KEYRING_VERSION:
-            raise ValueError("unknown format or version")
-        kdf = doc["kdf"]
-        if not isinstance(kdf, dict) or kdf.get("name") not in ("raw", "scrypt"):
-            raise ValueError("unknown kdf")
-        if kdf["name"] == "scrypt":
-            base64.b64decode(kdf["salt"], validate=True)
-            for k in ("n", "r", "p"):
-                if type(kdf[k]) is not int:
-                    raise ValueError(f"scrypt {k} must be an integer")
-        key_id = doc["key_id"]
-        if not isinstance(key_id, str) or len(key_id) != 16:
-            raise ValueError("bad key id")
-        dataset_id = bytes.fromhex(doc["dataset_id"])
-        if len(dataset_id) != 16:
-            raise ValueError("bad dataset id")
-        nonce = base64.b64decode(doc["wrap"]["nonce"], validate=True)
-        wrapped = base64.b64decode(doc["wrap"]["ciphertext"], validate=True)
-        if len(nonce) != 12 or len(wrapped) != KEY_NBYTES + 16:
-            raise ValueError("bad wrap")
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-        raise KeyringError(
-            f"{str(path)!r} is malformed ({exc}); restore it from backup", shard=KEYRING_NAME
-        ) from None
-    return Keyring(dataset_id, key_id, kdf, nonce, wrapped)
+        nonce = base64.b64decode(wrap["nonce"], validate=True)
+        wrapped = base64.b64decode(wrap["ciphertext"], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("wrap is not base64") from None
+    if len(nonce) != 12 or len(wrapped) != KEY_NBYTES + 16:
+        raise bad("wrap sizes")
+    return Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
 
 
 @audited("rotate-key", key_arg="old")
@@ -512,6 +687,11 @@ def rotate_key(
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
+    with keyring_lock(root):
+        return _rotate_locked(root, old, new, new_uses_password)
+
+
+def _rotate_locked(root: Any, old: Any, new: Any, new_uses_password: bool) -> Keyring:
     ring = load_keyring(root)
     data_key = ring.unwrap(ring.master_key(old), str(root))
     if new_uses_password:
@@ -537,6 +717,7 @@ def _atomic_write(path: Path, text: str | bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -9,40 +9,50 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 
 from lightning_sustain.data.audit import AuditSession, audited
-from lightning_sustain.data.codec import Schema, decode_frame
+from lightning_sustain.data.codec import Schema
 from lightning_sustain.data.errors import (
     DatasetNotFoundError,
     EmptyDatasetError,
     ManifestError,
     MissingShardError,
     PathTraversalError,
+    RollbackError,
+    SampleDecodeError,
     ShardError,
-    StaleShardError,
+    ShardHeaderError,
+    ShardSwappedError,
     TruncatedShardError,
     UnsupportedFormatError,
 )
 from lightning_sustain.data.format import (
     CIPHER_AES_256_GCM,
     CIPHER_NONE,
+    DATASET_MANIFEST_NAME,
     FRAME_OVERHEAD,
     MANIFEST_NAME,
     MAX_MANIFEST_NBYTES,
+    NONCE_NBYTES,
     SHARD_HEADER,
+    DatasetManifest,
     Manifest,
     ShardHeader,
+    _frame_failed,
     check_split_name,
     decode_manifest,
-    frame_aad,
-    open_frame,
+    frame_aad_base,
+    load_dataset_manifest,
     parse_manifest_header,
+    read_regular_file,
 )
 from lightning_sustain.data.keys import DataKey, KeyReference, MasterKey, load_keyring
 
@@ -52,6 +62,53 @@ logger = logging.getLogger(__name__)
 
 _MAX_OPEN_FILES = 16
 _POOL_SIZE = 16
+_FRAME_POS = struct.Struct("<IB")
+_U32 = struct.Struct("<I")
+
+
+def _layout(schema: Schema, n: int) -> tuple:
+    """Where each field's column lies in a frame of ``n`` samples."""
+    out = []
+    pos = 8
+    for f in schema.fields:
+        count = n * int(np.prod(f.shape, dtype=np.int64))
+        out.append((f.name, f.np_dtype, pos, count, (n, *f.shape), f.dtype == "bool"))
+        pos = (pos + n * f.nbytes + 7) // 8 * 8
+    return tuple(out)
+
+
+def _check_entry(dm: DatasetManifest, split: str, manifest: Manifest, mname: str) -> None:
+    """The split's manifest must be the one the dataset manifest lists."""
+    entry = dm.splits.get(split)
+    if entry is None:
+        raise RollbackError(
+            f"split {split!r} is not listed in {DATASET_MANIFEST_NAME}: it was left by a write "
+            "that was interrupted before its commit, or copied in from elsewhere; re-run the "
+            "write of this split",
+            shard=mname,
+        )
+    if manifest.dataset_version < entry.version:
+        raise RollbackError(
+            f"split manifest is version {manifest.dataset_version}, {DATASET_MANIFEST_NAME} "
+            f"records version {entry.version}: an old manifest (or the whole old split) was "
+            "put back; restore the current split",
+            shard=mname,
+        )
+    if manifest.dataset_version > entry.version:
+        raise RollbackError(
+            f"split manifest is version {manifest.dataset_version}, newer than the version "
+            f"{entry.version} that {DATASET_MANIFEST_NAME} records: the write of this split "
+            f"was interrupted before its commit, or an old {DATASET_MANIFEST_NAME} was put "
+            "back; re-run the write of this split",
+            shard=mname,
+        )
+    if manifest.write_id != entry.write_id:
+        raise RollbackError(
+            f"split manifest was produced by another write of version {entry.version} than "
+            f"the one {DATASET_MANIFEST_NAME} records (an earlier or interrupted write); "
+            "restore the current split or re-run its write",
+            shard=mname,
+        )
 
 
 def wipe(buf: bytearray | np.ndarray | None) -> None:
@@ -64,6 +121,48 @@ def wipe(buf: bytearray | np.ndarray | None) -> None:
         return
     if len(buf):
         np.frombuffer(buf, dtype=np.uint8).fill(0)
+
+
+def check_dataset(
+    dm: DatasetManifest | None,
+    *,
+    dataset_id: str | bytes | None = None,
+    min_dataset_version: int | None = None,
+) -> DatasetManifest:
+    """Check the dataset manifest against the user's pins.
+
+    Args:
+        dm: The authenticated dataset manifest, or ``None`` if ``dataset.lsd`` is missing.
+        dataset_id: Pinned dataset id (hex or 16 bytes): detects a replaced root.
+        min_dataset_version: Pinned minimum dataset version: detects a rolled-back root.
+
+    Raises:
+        ManifestError: ``dataset.lsd`` is missing.
+        ShardSwappedError: The root holds another dataset than the pinned one.
+        RollbackError: The dataset is older than the pinned version.
+    """
+    if dm is None:
+        raise ManifestError(
+            f"{DATASET_MANIFEST_NAME} is missing: it was deleted, or the dataset was written "
+            "by format 1 (re-encrypt it); restore it from a trusted copy",
+            shard=DATASET_MANIFEST_NAME,
+        )
+    if dataset_id is not None:
+        want = bytes.fromhex(dataset_id) if isinstance(dataset_id, str) else bytes(dataset_id)
+        if want != dm.dataset_id:
+            raise ShardSwappedError(
+                f"the root holds dataset {dm.dataset_id.hex()}, pinned is {want.hex()}: the "
+                "whole root was replaced (or the pin is wrong)",
+                shard=DATASET_MANIFEST_NAME,
+            )
+    if min_dataset_version is not None and dm.dataset_version < min_dataset_version:
+        raise RollbackError(
+            f"dataset is at version {dm.dataset_version}, pinned minimum is "
+            f"{min_dataset_version}: the root was rolled back to an older state; restore "
+            "the current one",
+            shard=DATASET_MANIFEST_NAME,
+        )
+    return dm
 
 
 def resolve_data_key(
@@ -88,8 +187,10 @@ class SplitReader:
         data_key: The unwrapped data key (``None`` only with ``allow_plaintext``).
         dataset_id: Dataset id from the keyring (``None`` only with ``allow_plaintext``).
         directory: Split directory relative to ``root`` if it differs from ``split``.
-        expected_version: Refuse a manifest of another dataset version (rollback guard).
+        expected_version: Refuse a split of another version.
         allow_plaintext: Accept the unencrypted benchmark baseline format.
+        pin_dataset_id: Refuse a root holding another dataset (hex id or bytes).
+        min_dataset_version: Refuse a dataset older than this version (rollback guard).
 
     Attributes:
         audit: Access-audit session fed with every decrypted frame (set by
@@ -113,6 +214,8 @@ class SplitReader:
         directory: str | None = None,
         expected_version: int | None = None,
         allow_plaintext: bool = False,
+        pin_dataset_id: str | bytes | None = None,
+        min_dataset_version: int | None = None,
     ):
         check_split_name(split)
         self.root = Path(root)
@@ -124,18 +227,28 @@ class SplitReader:
         self._rel = rel
         manifest_path = self.directory / MANIFEST_NAME
         mname = f"{rel}/{MANIFEST_NAME}"
-        try:
-            st = manifest_path.stat()
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_NBYTES:
-                raise ManifestError("manifest is not a regular file of sane size", shard=mname)
-            blob = manifest_path.read_bytes()
-        except FileNotFoundError:
-            raise DatasetNotFoundError(
+        aead = data_key.aead() if data_key is not None else None
+        dm = load_dataset_manifest(self.root, aead, dataset_id)
+        if dm is None and allow_plaintext and data_key is None:
+            dm = None  # baseline written without a dataset manifest: nothing to pin
+        else:
+            dm = check_dataset(dm, dataset_id=pin_dataset_id,
+                               min_dataset_version=min_dataset_version)
+        self.dataset: DatasetManifest | None = dm
+        entry = dm.splits.get(split) if dm is not None else None
+        blob = read_regular_file(
+            manifest_path, MAX_MANIFEST_NBYTES, label=mname, error=ManifestError,
+            missing=DatasetNotFoundError if entry is None else MissingShardError,
+            missing_message=(
                 f"no complete split {split!r} at {str(self.directory)!r} ({MANIFEST_NAME} "
                 "missing): write it with ShardWriter / `lightning-sustain encrypt`, or fix the "
-                "path (an interrupted write leaves no manifest)",
-                shard=mname,
-            ) from None
+                "path (an interrupted write leaves no manifest)"
+                if entry is None else
+                f"split {split!r} is listed in {DATASET_MANIFEST_NAME} at version "
+                f"{entry.version} but its {MANIFEST_NAME} is missing: the split or its manifest "
+                "was deleted; restore it"
+            ),
+        )
         head = parse_manifest_header(blob, mname)
         if head.cipher == CIPHER_NONE and not allow_plaintext:
             raise UnsupportedFormatError(
@@ -145,7 +258,7 @@ class SplitReader:
             )
         if head.cipher == CIPHER_AES_256_GCM and data_key is None:
             raise UnsupportedFormatError("split is encrypted but no key was given", shard=mname)
-        self._aead = data_key.aead() if head.cipher == CIPHER_AES_256_GCM else None
+        self._aead = aead if head.cipher == CIPHER_AES_256_GCM else None
         if dataset_id is None:
             if head.cipher != CIPHER_NONE:
                 raise ValueError("dataset_id is required for encrypted splits")
@@ -153,16 +266,25 @@ class SplitReader:
         self.manifest: Manifest = decode_manifest(
             blob, self._aead, split=split, dataset_id=dataset_id, shard=mname
         )
+        if dm is not None:
+            _check_entry(dm, split, self.manifest, mname)
         if expected_version is not None and self.manifest.dataset_version != expected_version:
-            raise StaleShardError(
-                f"split is dataset version {self.manifest.dataset_version}, expected version "
+            raise RollbackError(
+                f"split is version {self.manifest.dataset_version}, expected version "
                 f"{expected_version} (rolled back or not yet updated)",
                 shard=mname,
             )
         if self.manifest.num_samples == 0 or not self.manifest.shards:
             raise EmptyDatasetError(f"split {split!r} holds no samples", shard=mname)
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._pool: list[bytearray] = []  # zeroed plaintext buffers for reuse
+        self._aad_bases: dict[int, bytes] = {}
+        self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
+        self._ct: bytearray = bytearray(0)  # ciphertext read buffer
+        self._ct_nonce = self._ct_body = memoryview(self._ct)
+        self._layouts: dict[int, tuple] = {}
+        self._names = [
+            f"{self._rel}/{s.file}" for s in self.manifest.shards
+        ]
         self._frame_starts = np.cumsum(
             [0] + [f[2] for s in self.manifest.shards for f in s.frames], dtype=np.int64
         )
@@ -192,7 +314,7 @@ class SplitReader:
 
     def shard_name(self, shard_index: int) -> str:
         """Path of a shard relative to the root (used in errors)."""
-        return f"{self._rel}/{self.manifest.shards[shard_index].file}"
+        return self._names[shard_index]
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -216,21 +338,47 @@ class SplitReader:
         info = self.manifest.shards[si]
         name = self.shard_name(si)
         path = self.directory / info.file
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, flags)
         except FileNotFoundError:
             raise MissingShardError(
                 "shard listed in the manifest does not exist; restore it", shard=name
             ) from None
+        except OSError as exc:
+            raise ShardHeaderError(f"shard cannot be opened: {exc.strerror}", shard=name) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ManifestError("shard is not a regular file", shard=name)
+                raise ShardHeaderError(
+                    "shard is not a regular file (a FIFO, device or directory was put in its "
+                    "place); restore it",
+                    shard=name,
+                )
+            expected = ShardHeader(
+                self.manifest.cipher,
+                self.manifest.dataset_id,
+                self.manifest.dataset_version,
+                self.split,
+                si,
+                len(info.frames),
+                self.manifest.write_id,
+            )
+            # the header first: a shard of another position/version/write that merely has
+            # another size is a swap or replay, not a truncation
+            if st.st_size >= SHARD_HEADER.size:
+                expected.check(os.pread(fd, SHARD_HEADER.size, 0), name)
             if st.st_size < info.size_bytes:
                 first_bad = next(
                     (i for i, (off, ln, _) in enumerate(info.frames) if off + ln > st.st_size),
                     None,
                 )
+                if st.st_size < SHARD_HEADER.size:
+                    raise TruncatedShardError(
+                        f"shard is {st.st_size} bytes, shorter than its header; the manifest "
+                        f"records {info.size_bytes}: truncated; restore it",
+                        shard=name,
+                    )
                 raise TruncatedShardError(
                     f"shard is {st.st_size} bytes, the manifest records {info.size_bytes}: "
                     f"truncated from frame {first_bad} on; restore it",
@@ -243,33 +391,33 @@ class SplitReader:
                     "bytes were appended; restore it",
                     shard=name,
                 )
-            header = os.pread(fd, SHARD_HEADER.size, 0)
-            expected = ShardHeader(
-                self.manifest.cipher,
-                self.manifest.dataset_id,
-                self.manifest.dataset_version,
-                self.split,
-                si,
-                len(info.frames),
-            )
-            expected.check(header, name)
         except BaseException:
             os.close(fd)
             raise
         self._fds[si] = fd
+        self._aad_bases[si] = frame_aad_base(
+            self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
+            self.split, si,
+        )
         while len(self._fds) > _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
 
     def close(self) -> None:
-        """Close open shard files (and append the audit record of :func:`open_split`)."""
+        """Close shard files, wipe the buffer pool, append the open_split audit record."""
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)
+        self.wipe_pool()
         audit, self.audit = self.audit, None
         if audit is not None:
             audit.finish()
+
+    def wipe_pool(self) -> None:
+        """Zero every pooled plaintext buffer (they are overwritten on reuse meanwhile)."""
+        for buf in self._pool:
+            wipe(buf)
 
     def __del__(self) -> None:
         try:
@@ -290,57 +438,86 @@ class SplitReader:
     ) -> tuple[dict[str, np.ndarray], bytearray]:
         """Authenticate, decrypt and decode one frame.
 
+        The hot path of every epoch: one ``preadv`` into a reused ciphertext buffer, the
+        associated data from a per-shard prefix, ``decrypt_into`` a pooled buffer, and a
+        decode through a cached per-size layout (no per-frame allocation but the views).
+
         Returns:
             ``(columns, buffer)``: read-only column views of shape ``(n, *field.shape)`` into
-            ``buffer``; copy what you keep and :func:`wipe` the buffer afterwards.
+            ``buffer``; copy what you keep and :meth:`release` the buffer afterwards.
 
         Raises:
             ShardError: Missing, truncated, swapped, stale or modified data.
         """
         info = self.manifest.shards[shard_index]
         offset, length, n = info.frames[frame_index]
-        name = self.shard_name(shard_index)
-        fd = self._fd(shard_index)
-        blob = os.pread(fd, length, offset)
-        if len(blob) != length:
+        fd = self._fds.get(shard_index)
+        if fd is None:
+            fd = self._fd(shard_index)
+        if len(self._ct) != length:
+            self._ct = bytearray(length)
+            view = memoryview(self._ct)
+            self._ct_nonce, self._ct_body = view[:NONCE_NBYTES], view[NONCE_NBYTES:]
+        got = os.preadv(fd, (self._ct,), offset)
+        if got != length:
             raise TruncatedShardError(
-                f"frame ends past the end of the shard ({len(blob)} of {length} bytes read)",
-                shard=name,
+                f"frame ends past the end of the shard ({got} of {length} bytes read)",
+                shard=self._names[shard_index],
                 frame=frame_index,
             )
-        aad = frame_aad(
-            self.manifest.dataset_id,
-            self.manifest.dataset_version,
-            self.split,
-            shard_index,
-            frame_index,
-            frame_index == len(info.frames) - 1,
-        )
         size = length - FRAME_OVERHEAD
-        spare = self._pool.pop() if self._pool and len(self._pool[-1]) == size else None
-        try:
-            buf = open_frame(self._aead, blob, aad, shard=name, frame=frame_index, out=spare)
-        except BaseException:
-            if spare is not None:
-                self.release(spare)
-            raise
-        try:
-            cols = decode_frame(self.schema, buf, n, shard=name, frame=frame_index)
-        except BaseException:
+        pool = self._pool
+        buf = pool.pop() if pool and len(pool[-1]) == size else bytearray(size)
+        if self._aead is not None:
+            aad = self._aad_bases[shard_index] + _FRAME_POS.pack(
+                frame_index, frame_index == len(info.frames) - 1
+            )
+            try:
+                self._aead.decrypt_into(self._ct_nonce, self._ct_body, aad, buf)
+            except InvalidTag:
+                wipe(buf)  # decrypt_into may have written unauthenticated plaintext
+                self.release(buf)
+                raise _frame_failed(self._names[shard_index], frame_index) from None
+        else:
+            buf[:] = self._ct_body[:size]
+        layout = self._layouts.get(n)
+        if layout is None:  # the manifest guarantees the frame size fits n samples
+            layout = self._layouts[n] = _layout(self.schema, n)
+        found = _U32.unpack_from(buf, 0)[0]
+        if found != n:
+            wipe(buf)
             self.release(buf)
-            raise
+            raise SampleDecodeError(
+                f"frame holds {found} samples, the manifest records {n}",
+                shard=self._names[shard_index],
+                frame=frame_index,
+            )
+        cols = {}
+        for name, dtype, off, count, shape, is_bool in layout:
+            arr = np.frombuffer(buf, dtype, count, off).reshape(shape)
+            if is_bool and count and arr.view(np.uint8).max() > 1:
+                del arr
+                wipe(buf)
+                self.release(buf)
+                raise SampleDecodeError(f"field {name!r} holds a non-boolean byte",
+                                        shard=self._names[shard_index], frame=frame_index)
+            cols[name] = arr
         if self.audit is not None:
-            self.audit.frame(name, n)
+            self.audit.frame(self._names[shard_index], n)
         return cols, buf
 
     def release(self, buf: bytearray) -> None:
-        """Zero a buffer returned by :meth:`read_frame` and keep it for reuse.
+        """Give a buffer returned by :meth:`read_frame` back for reuse.
 
-        Drop every view of the buffer (the column arrays) before releasing it.
+        A pooled buffer is overwritten by the next frame decrypted into it and zeroed by
+        :meth:`wipe_pool` / :meth:`close` (called at the end of every epoch by the
+        DataModule); a buffer that does not fit the pool is zeroed right away. Drop every
+        view of the buffer (the column arrays) before releasing it.
         """
-        wipe(buf)
         if len(self._pool) < _POOL_SIZE:
             self._pool.append(buf)
+        else:
+            wipe(buf)
 
     def read_sample(self, index: int) -> dict[str, Any]:
         """Return sample ``index`` (decrypting only its frame), as numpy arrays/scalars."""
@@ -367,6 +544,8 @@ def open_split(
     *,
     directory: str | None = None,
     expected_version: int | None = None,
+    pin_dataset_id: str | bytes | None = None,
+    min_dataset_version: int | None = None,
 ) -> SplitReader:
     """Open a split of an encrypted dataset for reading.
 
@@ -375,14 +554,17 @@ def open_split(
         split: Split name.
         key: Reference to the master key/password, or a :class:`MasterKey`.
         directory: Split directory relative to ``root`` (default: ``split``).
-        expected_version: Refuse other dataset versions.
+        expected_version: Refuse other versions of the split.
+        pin_dataset_id: Refuse a root that holds another dataset (replaced root).
+        min_dataset_version: Refuse a dataset older than this (rolled-back root).
 
     Every call appends an access-audit record when the reader is closed (keyword
     arguments ``audit_path`` and ``audit_context``, see :mod:`lightning_sustain.data.audit`).
     """
     data_key, dataset_id, _ = resolve_data_key(root, key)
     return SplitReader(
-        root, split, data_key, dataset_id, directory=directory, expected_version=expected_version
+        root, split, data_key, dataset_id, directory=directory, expected_version=expected_version,
+        pin_dataset_id=pin_dataset_id, min_dataset_version=min_dataset_version,
     )
 
 
@@ -399,10 +581,14 @@ class VerifyReport:
         samples: Samples decoded.
         errors: One line per failure (first bad frame per shard).
         warnings: Unlisted files, leftovers of interrupted writes.
+        dataset_id: The dataset id (hex) from the authenticated dataset manifest.
+        dataset_version: The dataset version from the authenticated dataset manifest.
     """
 
     root: str
     key_id: str = ""
+    dataset_id: str = ""
+    dataset_version: int = 0
     splits: list[str] = field(default_factory=list)
     shards: int = 0
     frames: int = 0
@@ -424,14 +610,22 @@ def verify_dataset(
     splits: list[str] | None = None,
     *,
     stop_at_first: bool = False,
+    pin_dataset_id: str | bytes | None = None,
+    min_dataset_version: int | None = None,
 ) -> VerifyReport:
     """Authenticate every frame of every split; report the first bad frame of each shard.
+
+    The splits come from the authenticated dataset manifest (``dataset.lsd``), so a deleted
+    split or manifest is an error, not a silent omission; a split directory that it does
+    not list is an error too.
 
     Args:
         root: Dataset root.
         key: Master key reference.
-        splits: Splits to check (default: every directory with a manifest).
+        splits: Splits to check (default: every split the dataset manifest lists).
         stop_at_first: Stop at the first failure.
+        pin_dataset_id: Refuse a root holding another dataset.
+        min_dataset_version: Refuse a dataset older than this version.
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
@@ -441,18 +635,43 @@ def verify_dataset(
     report.key_id = key_id
     for leftover in sorted(root.glob(".*.incomplete-*")) + sorted(root.glob(".*.old-*")):
         report.warnings.append(f"leftover of an interrupted write: {leftover.name} (delete it)")
+
+    def fail(exc: ShardError) -> bool:
+        report.errors.append(str(exc))
+        report.first_error = report.first_error or exc
+        return stop_at_first
+
+    try:
+        dm = check_dataset(
+            load_dataset_manifest(root, data_key.aead(), dataset_id),
+            dataset_id=pin_dataset_id, min_dataset_version=min_dataset_version,
+        )
+    except ShardError as exc:
+        fail(exc)
+        return report
+    report.dataset_id, report.dataset_version = dm.dataset_id.hex(), dm.dataset_version
+    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
+    for name in on_disk:
+        if name not in dm.splits and (splits is None or name in splits):
+            exc = RollbackError(
+                f"split directory {name!r} has a manifest but {DATASET_MANIFEST_NAME} does not "
+                "list it: left by an interrupted write or copied in; re-run its write or "
+                "delete it",
+                shard=f"{name}/{MANIFEST_NAME}",
+            )
+            if fail(exc):
+                return report
     if splits is None:
-        splits = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
+        splits = sorted(dm.splits)
         if not splits:
-            raise DatasetNotFoundError(f"no split with a {MANIFEST_NAME} under {str(root)!r}")
+            raise DatasetNotFoundError(f"no split is listed in {DATASET_MANIFEST_NAME} under "
+                                       f"{str(root)!r}")
     for split in splits:
         report.splits.append(split)
         try:
             reader = SplitReader(root, split, data_key, dataset_id)
         except ShardError as exc:
-            report.errors.append(str(exc))
-            report.first_error = report.first_error or exc
-            if stop_at_first:
+            if fail(exc):
                 return report
             continue
         with reader:
@@ -466,9 +685,7 @@ def verify_dataset(
                     try:
                         cols, buf = reader.read_frame(si, fi)
                     except ShardError as exc:
-                        report.errors.append(str(exc))
-                        report.first_error = report.first_error or exc
-                        if stop_at_first:
+                        if fail(exc):
                             return report
                         break
                     report.frames += 1

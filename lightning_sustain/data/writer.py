@@ -1,17 +1,24 @@
 """Atomic writer of encrypted shards from numpy arrays, a torch Dataset, CSV or ``.npz``.
 
 A split is written into a hidden staging directory next to its final place and moved
-there with ``rename`` only after every shard and the manifest are on disk and fsynced; an
-interrupted write leaves at most a hidden ``.<split>.incomplete-*`` directory that no
-reader opens and that the next write of the split removes. Only ciphertext is written.
+there with ``rename`` only after every shard and the manifest are on disk and fsynced;
+the dataset manifest (``dataset.lsd``) is then updated to list the split's new version
+and write id. An interrupted write leaves at most hidden ``.<split>.incomplete-*`` /
+``.<split>.old-*`` directories that no reader opens and that the next write removes, or a
+split that the dataset manifest does not list (detected by every reader). Creating the
+keyring and committing run under the root's writer lock. Only ciphertext is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import fcntl
 import logging
 import os
 import shutil
+import struct
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,19 +30,28 @@ from typing import Any
 import numpy as np
 
 from lightning_sustain.data.codec import Schema, encode_frame, infer_schema, to_columns
-from lightning_sustain.data.errors import EmptyDatasetError, SchemaError, ShardError
+from lightning_sustain.data.errors import (
+    ConcurrentWriteError,
+    EmptyDatasetError,
+    ManifestError,
+    SchemaError,
+)
 from lightning_sustain.data.format import (
     CIPHER_AES_256_GCM,
     CIPHER_NONE,
+    DATASET_MANIFEST_NAME,
     FRAME_OVERHEAD,
     MANIFEST_NAME,
     SHARD_HEADER,
+    WRITE_ID_NBYTES,
+    DatasetManifest,
     Manifest,
     ShardHeader,
     ShardInfo,
+    SplitEntry,
     check_split_name,
-    frame_aad,
-    parse_manifest_header,
+    frame_aad_base,
+    load_dataset_manifest,
     seal_frame,
 )
 from lightning_sustain.data.keys import (
@@ -44,6 +60,8 @@ from lightning_sustain.data.keys import (
     KeyReference,
     Keyring,
     MasterKey,
+    fsync_dir,
+    keyring_lock,
     load_keyring,
     scrypt_kdf_params,
 )
@@ -78,6 +96,9 @@ class WriteResult:
         num_shards: Shard files written.
         num_frames: Frames written.
         bytes_written: Bytes of shards and manifest.
+        generation: Version of the whole dataset after this commit (pin it as
+            ``min_dataset_version`` together with ``dataset_id``).
+        write_id: Random id of this write (hex), bound into every frame.
     """
 
     root: str
@@ -89,6 +110,8 @@ class WriteResult:
     num_shards: int
     num_frames: int
     bytes_written: int
+    generation: int = 0
+    write_id: str = ""
 
 
 def _progress(total: int | None, enabled: bool, desc: str) -> Any:
@@ -100,12 +123,28 @@ def _progress(total: int | None, enabled: bool, desc: str) -> Any:
                 dynamic_ncols=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+
+
+def _remove_leftovers(root: Path, split: str) -> None:
+    """Delete staging/old directories of ``split`` left by crashed writers (lock held).
+
+    A staging directory still flocked by a live writer is kept.
+    """
+    for stale in sorted(root.glob(f".{split}.incomplete-*")) + sorted(root.glob(f".{split}.old-*")):
+        try:
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer is still filling it
+            shutil.rmtree(stale, ignore_errors=True)
+            logger.info("removed %s left by an interrupted write", stale.name)
+        finally:
+            os.close(fd)
 
 
 class ShardWriter:
@@ -123,8 +162,10 @@ class ShardWriter:
         split: Split name (``train``, ``val``, ...), also its directory name.
         key: Master key reference (or :class:`MasterKey`). For a new dataset with
             ``password=True`` the referenced secret is a password (scrypt, salt stored).
-        dataset_version: Version to write; default: the split's current version + 1, or 1.
-            Must exceed the current version so old shards cannot be replayed.
+        dataset_version: Version of the split to write; default: the dataset's version
+            (``dataset.lsd``) + 1. Must exceed the split's recorded version. Versions
+            come from the authenticated dataset manifest, so deleting or corrupting a split
+            cannot reset them; a random write id is bound into every frame besides.
         feature_names: Names of the feature columns, stored in the authenticated schema.
         frame_nbytes: Target plaintext bytes per frame (tens of KiB: random-access unit).
         shard_nbytes: Target bytes per shard file.
@@ -173,13 +214,17 @@ class ShardWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self._cipher = CIPHER_NONE if _unencrypted_baseline else CIPHER_AES_256_GCM
         self._new_keyring: Keyring | None = None
-        self._setup_keys(key, password, scrypt_n, _unencrypted_baseline)
-        self.dataset_version = self._pick_version(dataset_version)
+        self.write_id = os.urandom(WRITE_ID_NBYTES)
+        with keyring_lock(self.root):
+            self._setup_keys(key, password, scrypt_n, _unencrypted_baseline)
+            self.dataset_version = self._pick_version(dataset_version)
+            _remove_leftovers(self.root, split)
+            self._staging = self.root / f".{split}.incomplete-{uuid.uuid4().hex[:12]}"
+            self._staging.mkdir()
+            self._staging_fd = os.open(self._staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fcntl.flock(self._staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.generation = 0
         self._masker = self._make_masker(masking)
-        for stale in self.root.glob(f".{split}.incomplete-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self._staging = self.root / f".{split}.incomplete-{uuid.uuid4().hex[:12]}"
-        self._staging.mkdir()
         self._schema: Schema | None = None
         self._pending: list[Mapping[str, Any]] = []
         self._shards: list[ShardInfo] = []
@@ -201,6 +246,10 @@ class ShardWriter:
             self.dataset_id, self.key_id = os.urandom(16), "none"
             if (self.root / KEYRING_NAME).exists():
                 self.dataset_id = load_keyring(self.root).dataset_id
+            else:
+                found = load_dataset_manifest(self.root, None, None)
+                if found is not None:
+                    self.dataset_id = found.dataset_id
             return
         if not isinstance(key, (KeyReference, MasterKey)):
             raise TypeError(
@@ -223,6 +272,33 @@ class ShardWriter:
             self.key_id = master.key_id
         self._data_key = data_key
         self._aead = data_key.aead()
+        if self._new_keyring is not None:
+            # A new dataset: the (empty) dataset manifest first, then the keyring, both under
+            # the root lock, so a concurrent writer joins this dataset instead of making its
+            # own, and a keyring never exists without its dataset manifest.
+            empty = DatasetManifest(self.dataset_id, 0, self._cipher, {}, _now())
+            _write_file(self.root / DATASET_MANIFEST_NAME, empty.encode(self._aead))
+            self._new_keyring.save(self.root)
+            self._new_keyring = None
+
+    def _dataset_manifest(self) -> DatasetManifest:
+        if self._aead is None and (self.root / KEYRING_NAME).exists():
+            # baseline (benchmarks, downgrade tests) inside an encrypted root: it cannot and
+            # does not touch the encrypted dataset manifest
+            self._update_dataset = False
+            return DatasetManifest(self.dataset_id, 0, self._cipher, {}, _now())
+        found = load_dataset_manifest(self.root, self._aead, self.dataset_id)
+        if found is None and self._aead is None:
+            return DatasetManifest(self.dataset_id, 0, self._cipher, {}, _now())
+        if found is None:
+            raise ManifestError(
+                f"{DATASET_MANIFEST_NAME} is missing although {KEYRING_NAME} exists: it was "
+                "deleted (or the dataset was written by format 1). Restore it from a trusted "
+                "copy, or re-encrypt into a new root; refusing to write so that versions "
+                "cannot start again",
+                shard=DATASET_MANIFEST_NAME,
+            )
+        return found
 
     def _make_masker(self, masking: Any) -> Masker | None:
         spec = None if masking is None else load_masking_spec(masking)
@@ -240,26 +316,35 @@ class ShardWriter:
         return masked
 
     def _pick_version(self, requested: int | None) -> int:
-        current = None
-        manifest = self.root / self.split / MANIFEST_NAME
-        if manifest.exists():
-            try:
-                current = parse_manifest_header(
-                    manifest.read_bytes(), f"{self.split}/{MANIFEST_NAME}"
-                ).dataset_version
-            except ShardError:
-                current = None
+        """Hand out a version no other write of this dataset ever had (root lock held)."""
+        dm = self._dataset_manifest()
+        entry = dm.splits.get(self.split)
+        current = entry.version if entry is not None else 0
+        floor = max(dm.reserved_version, dm.dataset_version)
         if requested is None:
-            return 1 if current is None else current + 1
-        if type(requested) is not int or not 1 <= requested < 1 << 32:
+            version = floor + 1
+        elif type(requested) is not int or not 1 <= requested < 1 << 32:
             raise ValueError(f"dataset_version must be an integer in 1..2**32-1, got {requested}")
-        if current is not None and requested <= current:
+        elif requested <= current:
             raise ValueError(
                 f"split {self.split!r} already exists at version {current}; write version "
                 f"{current + 1} or higher (or omit dataset_version) so that shards of the old "
                 "version cannot be replayed into the new one"
             )
-        return requested
+        elif requested <= floor:
+            raise ValueError(
+                f"version {requested} was already handed out to a write of this dataset (the "
+                f"highest so far is {floor}); write version {floor + 1} or higher, or omit "
+                "dataset_version"
+            )
+        else:
+            version = requested
+        if version >= 1 << 32:
+            raise ValueError("the dataset has used up its 2**32 versions; re-encrypt it")
+        if getattr(self, "_update_dataset", True):
+            reserved = dataclasses.replace(dm, reserved_version=version)
+            _write_file(self.root / DATASET_MANIFEST_NAME, reserved.encode(self._aead))
+        return version
 
     # -- writing --------------------------------------------------------------------------
 
@@ -365,11 +450,12 @@ class ShardWriter:
         self._pos = SHARD_HEADER.size
         self._shard_samples = 0
         self._held = None
+        self._aad_base = frame_aad_base(
+            self.dataset_id, self.write_id, self.dataset_version, self.split, index
+        )
 
     def _write_sealed(self, plaintext: bytes, frame_index: int, *, last: bool) -> None:
-        aad = frame_aad(
-            self.dataset_id, self.dataset_version, self.split, len(self._shards), frame_index, last
-        )
+        aad = self._aad_base + struct.pack("<IB", frame_index, 1 if last else 0)
         self._fh.write(seal_frame(self._aead, plaintext, aad))
 
     def _close_shard(self) -> None:
@@ -381,7 +467,7 @@ class ShardWriter:
         index = len(self._shards)
         header = ShardHeader(
             self._cipher, self.dataset_id, self.dataset_version, self.split, index,
-            len(self._frames),
+            len(self._frames), self.write_id,
         ).pack()
         self._fh.seek(0)
         self._fh.write(header)
@@ -423,7 +509,8 @@ class ShardWriter:
                 self._num_samples,
                 self._schema,
                 tuple(self._shards),
-                datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                _now(),
+                self.write_id,
                 self._masker.spec.record() if self._masker is not None else None,
             )
             blob = manifest.encode(self._aead)
@@ -433,27 +520,19 @@ class ShardWriter:
                 os.fsync(fh.fileno())
             self._bytes += len(blob)
             _fsync_dir(self._staging)
-            if self._new_keyring is not None and not (self.root / KEYRING_NAME).exists():
-                self._new_keyring.save(self.root)
-            target = self.root / self.split
-            old = None
-            if target.exists():
-                old = self.root / f".{self.split}.old-{uuid.uuid4().hex[:12]}"
-                os.rename(target, old)
-            os.rename(self._staging, target)
-            _fsync_dir(self.root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            with keyring_lock(self.root):
+                self._commit_locked()
         except BaseException:
             self.abort()
             raise
         self._closed = True
+        self._unlock_staging()
         if self._bar is not None:
             self._bar.close()
         result = WriteResult(
             str(self.root), self.split, self.dataset_id.hex(), self.dataset_version, self.key_id,
             self._num_samples, len(self._shards), sum(len(s.frames) for s in self._shards),
-            self._bytes,
+            self._bytes, self.generation, self.write_id.hex(),
         )
         logger.info(
             "wrote split %s of %s: %d samples, %d shards, version %d, key id %s",
@@ -461,6 +540,43 @@ class ShardWriter:
             result.dataset_version, result.key_id,
         )
         return result
+
+    def _commit_locked(self) -> None:
+        """Move the staged split into place and record it in the dataset manifest."""
+        dm = self._dataset_manifest()
+        entry = dm.splits.get(self.split)
+        if entry is not None and entry.version >= self.dataset_version:
+            raise ConcurrentWriteError(
+                f"split {self.split!r} was committed at version {entry.version} by another "
+                f"writer while this one wrote version {self.dataset_version}; nothing was "
+                "committed by this writer: re-run it",
+                shard=DATASET_MANIFEST_NAME,
+            )
+        self.generation = max(dm.dataset_version + 1, self.dataset_version)
+        splits = dict(dm.splits)
+        splits[self.split] = SplitEntry(self.dataset_version, self.write_id, self._num_samples)
+        new_dm = DatasetManifest(
+            self.dataset_id, self.generation, self._cipher, splits, _now(),
+            max(dm.reserved_version, self.dataset_version),
+        )
+        target = self.root / self.split
+        old = None
+        if os.path.lexists(target):
+            old = self.root / f".{self.split}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(target, old)
+        os.rename(self._staging, target)
+        _fsync_dir(self.root)
+        # commit point: from here on readers accept the new split and nothing else
+        if getattr(self, "_update_dataset", True):
+            _write_file(self.root / DATASET_MANIFEST_NAME, new_dm.encode(self._aead))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _unlock_staging(self) -> None:
+        fd = getattr(self, "_staging_fd", None)
+        if fd is not None:
+            self._staging_fd = None
+            os.close(fd)
 
     def abort(self) -> None:
         """Discard everything written by this writer."""
@@ -471,6 +587,7 @@ class ShardWriter:
             self._fh.close()
             self._fh = None
         shutil.rmtree(self._staging, ignore_errors=True)
+        self._unlock_staging()
         if self._bar is not None:
             self._bar.close()
 
@@ -488,6 +605,26 @@ class ShardWriter:
 
     def __reduce__(self):
         raise TypeError("ShardWriter holds a data key and cannot be pickled")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically and durably (temp file, fsync, replace, fsync dir)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # -- convenience front ends ------------------------------------------------------------------
