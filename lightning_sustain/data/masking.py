@@ -294,16 +294,15 @@ def _canonical(value: Any) -> bytes:
 def pseudonymise_values(key: bytes, values: np.ndarray) -> np.ndarray:
     """Return the ``int64`` token of every element of ``values`` (same shape)."""
     flat = np.asarray(values).reshape(-1)
-    out = np.empty(len(flat), dtype=np.int64)
     digest = hmac.digest
-    if flat.dtype.kind in "iub":
-        items: Any = (str(v).encode() for v in flat.tolist())
+    if flat.dtype.kind in "iu":
+        msgs: Any = np.char.encode(flat.astype(str), "ascii").tolist()
     elif flat.dtype.kind == "U":
-        items = (v.strip().encode("utf-8") for v in flat.tolist())
+        msgs = np.char.encode(np.char.strip(flat), "utf-8").tolist()
     else:
-        items = (_canonical(v) for v in flat.tolist())
-    for i, msg in enumerate(items):
-        out[i] = int.from_bytes(digest(key, msg, "sha256")[:8], "big") & _TOKEN_MASK
+        msgs = [_canonical(v) for v in flat.tolist()]
+    packed = b"".join([digest(key, m, "sha256")[:8] for m in msgs])
+    out = np.frombuffer(packed, dtype=">i8").astype(np.int64) & _TOKEN_MASK
     return out.reshape(np.shape(values))
 
 
