@@ -412,7 +412,7 @@ class AuditSession:
             "host": socket.gethostname(),
             "user": _user(),
             "pid": os.getpid(),
-            "rank": _int_env("RANK"),
+            "rank": self.context.get("rank", _int_env("RANK")),
             "worker": self.context.get("worker"),
             "start": self.start,
             "end": _now(),

@@ -590,6 +590,7 @@ class EncryptedShardDataModule(LightningDataModule):
             "run_id": os.environ.get("LIGHTNING_SUSTAIN_RUN_ID") or log_dir,
             "log_dir": log_dir,
             "config_hash": config_hash(dict(self.hparams), model_hparams),
+            "rank": int(trainer.global_rank) if trainer is not None else None,
         }
 
     def _resolve_seed(self) -> int:
