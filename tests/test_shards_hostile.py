@@ -334,7 +334,8 @@ def test_old_split_leftover_is_cleaned_by_the_next_write(ds):
     root, ref = ds
     leftover = root / ".train.old-0123456789ab"
     shutil.copytree(root / "train", leftover)
-    assert any("leftover" in w for w in verify_dataset(root, ref).warnings)
+    report = verify_dataset(root, ref)
+    assert report.ok and any("leftover" in w for w in report.warnings)
     write_arrays(root, "train", _data(), ref, **KW)
     assert not leftover.exists()
 
@@ -475,3 +476,25 @@ def test_header_errors_name_the_shard(ds):
                                                              TruncatedShardError)) as ei:
         r.read_frame(0, 0)
     assert ei.value.shard == "train/shard-00000.lss"
+
+
+def test_authenticated_non_boolean_byte_is_refused_and_wiped(tmp_path, monkeypatch):
+    """An insider writes a bool column holding 2: the reader refuses it, zeroes the frame."""
+    import lightning_sustain.data.writer as writer_mod
+    from lightning_sustain.data.errors import SampleDecodeError
+
+    real = writer_mod.encode_frame
+
+    def evil(schema, cols, start, stop):
+        raw = bytearray(real(schema, cols, start, stop))
+        raw[-1 - (-(stop - start) % 8)] = 2  # last bool of the frame
+        return bytes(raw)
+
+    monkeypatch.setattr(writer_mod, "encode_frame", evil)
+    ref = KeyReference(file=str(write_key_file(tmp_path / "k.key", generate_key())))
+    write_arrays(tmp_path / "d", "train", {"x": np.ones((50, 4), np.float32),
+                                           "b": np.ones(50, bool)}, ref, **KW)
+    with open_split(tmp_path / "d", "train", ref) as r:
+        with pytest.raises(SampleDecodeError, match="non-boolean") as ei:
+            r.read_frame(0, 0)
+        assert ei.value.frame == 0 and r._pool and not any(r._pool[-1])

@@ -102,6 +102,7 @@ def read_regular_file(
     error: type[ShardError],
     missing: type[ShardError] | None = None,
     missing_message: str = "does not exist",
+    label_in_text: bool = False,
 ) -> bytes:
     """Read a whole file that must be a regular file of at most ``max_nbytes`` bytes.
 
@@ -116,10 +117,15 @@ def read_regular_file(
         error: Exception class raised for every problem.
         missing: Exception class raised when the file does not exist (default ``error``).
         missing_message: Message for a missing file.
+        label_in_text: Start the message with ``label`` instead of setting ``shard`` (for
+            files outside the dataset, e.g. key files).
 
     Raises:
         ShardError: ``error`` (or ``missing``) naming ``label`` and the problem.
     """
+    if label_in_text:
+        error = _prefixed(error, label)
+        missing = _prefixed(missing, label) if missing is not None else None
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -156,6 +162,13 @@ def read_regular_file(
         raise error(f"cannot be read: {exc.strerror}", shard=label) from None
     finally:
         os.close(fd)
+
+
+def _prefixed(cls: type[ShardError], label: str) -> Any:
+    def make(message: str, shard: str | None = None) -> ShardError:
+        return cls(f"{label} {message}")
+
+    return make
 
 
 def _file_kind(mode: int) -> str:
@@ -252,6 +265,30 @@ def frame_aad(
     return frame_aad_base(dataset_id, write_id, version, split, shard_index) + _FRAME_POS.pack(
         frame_index, 1 if last else 0
     )
+
+
+class FrameOpener:
+    """Decrypts the frames of one shard with no per-frame allocation.
+
+    Holds the shard's associated data in a ``bytearray`` whose last 5 bytes (frame index
+    and last-frame flag) are rewritten in place per frame; the caller passes the nonce and
+    ciphertext as buffers (e.g. cached ``memoryview`` slices of a reused read buffer) and
+    the output buffer. This is the whole per-frame cost on top of ``decrypt_into``.
+    """
+
+    __slots__ = ("_aad", "_aead", "_tail")
+
+    def __init__(self, aead: AESGCM, aad_base: bytes):
+        self._aead = aead
+        self._aad = bytearray(aad_base) + bytearray(_FRAME_POS.size)
+        self._tail = len(aad_base)
+
+    def open_into(
+        self, nonce: Any, body: Any, frame_index: int, last: bool, out: bytearray
+    ) -> None:
+        """Authenticate and decrypt into ``out``; raises ``InvalidTag`` (``out`` then dirty)."""
+        _FRAME_POS.pack_into(self._aad, self._tail, frame_index, last)
+        self._aead.decrypt_into(nonce, body, self._aad, out)
 
 
 def seal_frame(aead: AESGCM | None, plaintext: bytes, aad: bytes) -> bytes:

@@ -417,7 +417,7 @@ class KeyReference:
             path = Path(os.fspath(self.file)).expanduser()
             data = read_regular_file(
                 path, MAX_SECRET_NBYTES, label=f"key file {str(path)!r}",
-                error=KeyReferenceError,
+                error=KeyReferenceError, label_in_text=True,
                 missing_message="does not exist; create it with `lightning-sustain keygen "
                 "--out PATH` or fix key_file",
             )

@@ -44,6 +44,7 @@ from lightning_sustain.data.format import (
     NONCE_NBYTES,
     SHARD_HEADER,
     DatasetManifest,
+    FrameOpener,
     Manifest,
     ShardHeader,
     _frame_failed,
@@ -62,19 +63,20 @@ logger = logging.getLogger(__name__)
 
 _MAX_OPEN_FILES = 16
 _POOL_SIZE = 16
-_FRAME_POS = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
 
 
+_ndarray = np.ndarray
+
+
 def _layout(schema: Schema, n: int) -> tuple:
-    """Where each field's column lies in a frame of ``n`` samples."""
+    """Where each field's column lies in a frame of ``n`` samples, and the bool fields."""
     out = []
     pos = 8
     for f in schema.fields:
-        count = n * int(np.prod(f.shape, dtype=np.int64))
-        out.append((f.name, f.np_dtype, pos, count, (n, *f.shape), f.dtype == "bool"))
+        out.append((f.name, f.np_dtype, pos, (n, *f.shape)))
         pos = (pos + n * f.nbytes + 7) // 8 * 8
-    return tuple(out)
+    return tuple(out), tuple(f.name for f in schema.fields if f.dtype == "bool")
 
 
 def _check_entry(dm: DatasetManifest, split: str, manifest: Manifest, mname: str) -> None:
@@ -277,11 +279,13 @@ class SplitReader:
         if self.manifest.num_samples == 0 or not self.manifest.shards:
             raise EmptyDatasetError(f"split {split!r} holds no samples", shard=mname)
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._aad_bases: dict[int, bytes] = {}
+        self._openers: dict[int, FrameOpener] = {}
+        self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
         self._ct: bytearray = bytearray(0)  # ciphertext read buffer
         self._ct_nonce = self._ct_body = memoryview(self._ct)
         self._layouts: dict[int, tuple] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
         self._names = [
             f"{self._rel}/{s.file}" for s in self.manifest.shards
         ]
@@ -395,10 +399,11 @@ class SplitReader:
             os.close(fd)
             raise
         self._fds[si] = fd
-        self._aad_bases[si] = frame_aad_base(
-            self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
-            self.split, si,
-        )
+        if self._aead is not None:
+            self._openers[si] = FrameOpener(self._aead, frame_aad_base(
+                self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
+                self.split, si,
+            ))
         while len(self._fds) > _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
@@ -410,6 +415,9 @@ class SplitReader:
             _, fd = self._fds.popitem()
             os.close(fd)
         self.wipe_pool()
+        for buf, _, _ in self._views.values():
+            wipe(buf)
+        self._views.clear()
         audit, self.audit = self.audit, None
         if audit is not None:
             audit.finish()
@@ -449,8 +457,8 @@ class SplitReader:
         Raises:
             ShardError: Missing, truncated, swapped, stale or modified data.
         """
-        info = self.manifest.shards[shard_index]
-        offset, length, n = info.frames[frame_index]
+        frames = self._frames[shard_index]
+        offset, length, n = frames[frame_index]
         fd = self._fds.get(shard_index)
         if fd is None:
             fd = self._fd(shard_index)
@@ -469,20 +477,17 @@ class SplitReader:
         pool = self._pool
         buf = pool.pop() if pool and len(pool[-1]) == size else bytearray(size)
         if self._aead is not None:
-            aad = self._aad_bases[shard_index] + _FRAME_POS.pack(
-                frame_index, frame_index == len(info.frames) - 1
-            )
             try:
-                self._aead.decrypt_into(self._ct_nonce, self._ct_body, aad, buf)
+                self._openers[shard_index].open_into(
+                    self._ct_nonce, self._ct_body, frame_index, frame_index == len(frames) - 1,
+                    buf,
+                )
             except InvalidTag:
                 wipe(buf)  # decrypt_into may have written unauthenticated plaintext
                 self.release(buf)
                 raise _frame_failed(self._names[shard_index], frame_index) from None
         else:
             buf[:] = self._ct_body[:size]
-        layout = self._layouts.get(n)
-        if layout is None:  # the manifest guarantees the frame size fits n samples
-            layout = self._layouts[n] = _layout(self.schema, n)
         found = _U32.unpack_from(buf, 0)[0]
         if found != n:
             wipe(buf)
@@ -492,16 +497,29 @@ class SplitReader:
                 shard=self._names[shard_index],
                 frame=frame_index,
             )
-        cols = {}
-        for name, dtype, off, count, shape, is_bool in layout:
-            arr = np.frombuffer(buf, dtype, count, off).reshape(shape)
-            if is_bool and count and arr.view(np.uint8).max() > 1:
-                del arr
+        # column views of a pooled buffer are built once per (buffer, sample count) and
+        # reused: the buffer is never resized, and callers drop views before release()
+        key = (id(buf), n)
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not buf:
+            layout = self._layouts.get(n)
+            if layout is None:  # the manifest guarantees the frame size fits n samples
+                layout = self._layouts[n] = _layout(self.schema, n)
+            if len(self._views) >= 2 * _POOL_SIZE:
+                self._views.clear()
+            cached = self._views[key] = (
+                buf,
+                {name: _ndarray(shape, dtype, buf, off) for name, dtype, off, shape in layout[0]},
+                layout[1],
+            )
+        cols = dict(cached[1])
+        for name in cached[2]:  # bool fields: a byte other than 0/1 is malformed
+            if cols[name].view(np.uint8).max(initial=0) > 1:
+                cols.clear()
                 wipe(buf)
                 self.release(buf)
                 raise SampleDecodeError(f"field {name!r} holds a non-boolean byte",
                                         shard=self._names[shard_index], frame=frame_index)
-            cols[name] = arr
         if self.audit is not None:
             self.audit.frame(self._names[shard_index], n)
         return cols, buf
@@ -650,7 +668,8 @@ def verify_dataset(
         fail(exc)
         return report
     report.dataset_id, report.dataset_version = dm.dataset_id.hex(), dm.dataset_version
-    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
+    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}")
+                     if not p.parent.name.startswith("."))
     for name in on_disk:
         if name not in dm.splits and (splits is None or name in splits):
             exc = RollbackError(
