@@ -267,3 +267,12 @@ def test_audit_show_cli(ds, capsys):
     assert "MACs not checked" in capsys.readouterr().out
     assert main(["audit", "verify", "--root", str(root), "--key-file", str(keyfile)]) == 0
     assert "OK: 1 record(s), 1 authenticated" in capsys.readouterr().out
+
+
+def test_top_level_command_dispatches_audit(ds, capsys):
+    from lightning_sustain.cli import main as top_main
+
+    root, ref, _, keyfile = ds
+    verify_dataset(root, ref)
+    assert top_main(["audit", "verify", "--root", str(root), "--key-file", str(keyfile)]) == 0
+    assert "OK: 1 record(s), 1 authenticated" in capsys.readouterr().out

@@ -245,3 +245,47 @@ def test_datamodule_exposes_masking_and_shap_labels(tmp_path, key, monkeypatch):
     dm2 = EncryptedShardDataModule(str(tmp_path), key_env="LS_TEST_KEY", val_dir="val")
     with pytest.raises(Exception, match="masked differently"):
         dm2.setup("fit")
+
+
+def test_shap_summary_names_masked_features(tmp_path, key, monkeypatch):
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_sustain.callbacks.shap_summary import ShapSummary
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 4)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int64")
+    names = ["age", "bmi", "zip", "score"]
+    spec = {"age": {"op": "generalise", "width": 0.5}, "bmi": {"op": "noise", "scale": 0.1},
+            "zip": "drop"}
+    for split in ("train", "val"):
+        write_arrays(tmp_path / "ds", split, {"x": x, "y": y}, key, feature_names=names,
+                     masking=spec, progress=False)
+    monkeypatch.setenv("LS_TEST_KEY", "lskey1:" + key._key.hex())
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, i):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = EncryptedShardDataModule(str(tmp_path / "ds"), val_dir="val", key_env="LS_TEST_KEY",
+                                  batch_format="tuple", tuple_keys=["x", "y"])
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=1,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0,
+                         callbacks=[ShapSummary(num_background=16, num_samples=8)])
+    trainer.fit(Net(), dm)
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert summary["status"] == "ok", summary
+    got = {f["name"] for f in summary["outputs"][0]["top_features"]}
+    assert got == {"age [generalised]", "bmi [noised]", "score"}
