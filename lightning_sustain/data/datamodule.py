@@ -1,8 +1,9 @@
 """``EncryptedShardDataModule``: train on AEAD-encrypted shards, plaintext only in memory.
 
 Each DataLoader worker resolves the key reference itself, unwraps the data key, and
-decrypts one frame at a time with ``pread``; decoded samples are copied into the batch
-and the frame buffers are zeroed right away. No plaintext touches the disk.
+decrypts one frame at a time with ``pread``; decoded samples are copied into the batch,
+the frame buffers go back to the reader's pool and are zeroed when the epoch ends. No
+plaintext touches the disk.
 
 Splitting: per epoch, the frames of a split are put in an order (a seeded permutation of
 all frames of all shards when shuffling, storage order otherwise) that every rank
