@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 logger = logging.getLogger(__name__)
 
-SHARD_COMMANDS = ("keygen", "encrypt", "verify", "rotate-key")
+SHARD_COMMANDS = ("keygen", "encrypt", "verify", "rotate-key", "audit")
 TOOL_COMMANDS = (*SHARD_COMMANDS, "report", "restore-limits")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -111,6 +111,7 @@ def _usage() -> str:
     return (
         "usage: lightning-sustain {fit,validate,test,predict} [LightningCLI options]\n"
         "       lightning-sustain {keygen,encrypt,verify,rotate-key} [options]\n"
+        "       lightning-sustain audit {show,verify} --root DIR [options]\n"
         "       lightning-sustain report RUN_DIR [options]\n"
         "       lightning-sustain restore-limits [--all]\n\n"
         "Add --help after a command for its options."

@@ -392,6 +392,14 @@ def test_real_ddp_two_processes_split_shards(dataset, tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["seed"] == r1["seed"]  # random seed broadcast from rank 0
     assert len(r0["ids"]) == len(r1["ids"]) == -(-(N // 2) // 32)
+    # access audit (issue 16): both ranks and their 4 worker processes appended to one
+    # intact chain
+    from lightning_sustain.data.audit import AUDIT_FILE_NAME, read_records, verify_audit
+
+    assert verify_audit(root / AUDIT_FILE_NAME).ok
+    reads = [r for r in read_records(root / AUDIT_FILE_NAME)
+             if r["action"] == "read" and r["splits"] == ["train"]]
+    assert {r["worker"] for r in reads if r["rank"] == 1} == {0, 1}
     ids0 = [i for b in r0["ids"] for i in b]
     ids1 = [i for b in r1["ids"] for i in b]
     assert len(ids0) == len(ids1) == N // 2

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_sustain.data.masking import masked_feature_labels
 from lightning_sustain.explain import (
     SUMMARY_SCHEMA,
     ArtefactIndex,
@@ -230,6 +231,10 @@ class ShapSummary(Callback):
         datamodule = trainer.datamodule
         sensitive = bool(getattr(datamodule, "sensitive_data", False))
         feature_names = self.feature_names or _names(datamodule, ("feature_names",))
+        if feature_names is not None and self.feature_names is None:
+            # name fields masked at encryption time as such (e.g. "age [generalised]")
+            feature_names = masked_feature_labels(feature_names, getattr(datamodule, "masking",
+                                                                         None))
         output_names = self.output_names or _names(datamodule, ("output_names", "class_names"))
 
         train = first_loader(trainer.train_dataloader)

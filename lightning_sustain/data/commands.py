@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,8 +79,9 @@ class _PromptProvider(KeyProvider):
         raise TypeError("a typed secret cannot be pickled")
 
 
-def _add_key_args(p: argparse.ArgumentParser, prefix: str = "", what: str = "master key") -> None:
-    g = p.add_mutually_exclusive_group(required=True)
+def _add_key_args(p: argparse.ArgumentParser, prefix: str = "", what: str = "master key",
+                  required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument(f"--{prefix}key-env", metavar="NAME",
                    help=f"environment variable holding the {what} (hex/base64) or password")
     g.add_argument(f"--{prefix}key-file", metavar="PATH",
@@ -123,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-kib", type=int, default=64, help="plaintext KiB per frame")
     p.add_argument("--shard-mib", type=int, default=64, help="MiB per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mask", metavar="SPEC",
+                   help="masking rules: JSON/YAML file or inline JSON, e.g. "
+                   '\'{"patient_id": "pseudonymise", "age": {"op": "generalise", "width": 10}}\'')
     _add_key_args(p)
 
     p = sub.add_parser("verify", help="authenticate every frame; report the first bad one")
@@ -132,14 +137,83 @@ def _parser() -> argparse.ArgumentParser:
                    help="pin: refuse a root that holds another dataset")
     p.add_argument("--min-version", type=int, metavar="N",
                    help="pin: refuse a dataset older than this dataset version")
+    _add_audit_args(p)
     _add_key_args(p)
 
     p = sub.add_parser("rotate-key", help="rewrap the data key for a new master key")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
     p.add_argument("--new-password", action="store_true", help="the new secret is a password")
+    _add_audit_args(p)
     _add_key_args(p)
     _add_key_args(p, prefix="new-", what="new master key")
+
+    p = sub.add_parser("audit", help="show or verify the access-audit trail of a dataset")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    a = asub.add_parser("show", help="print the audit records")
+    a.add_argument("--root", required=True, metavar="DIR", help="dataset root")
+    a.add_argument("--audit-path", metavar="PATH", help="audit file (default: in the root)")
+    a.add_argument("--last", type=int, metavar="N", help="only the last N records")
+    a.add_argument("--json", action="store_true", help="raw JSON lines")
+    a = asub.add_parser("verify", help="check the chain and MACs; exit 1 on any break")
+    a.add_argument("--root", required=True, metavar="DIR", help="dataset root")
+    a.add_argument("--audit-path", metavar="PATH", help="audit file (default: in the root)")
+    a.add_argument("--expect-head", metavar="HASH",
+                   help="a head hash noted earlier that must still be in the chain")
+    _add_key_args(a, required=False)
     return parser
+
+
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit-path", metavar="PATH",
+                   help="access-audit file (default: access-audit.jsonl in the root)")
+    p.add_argument("--purpose", help="why the data is decrypted (recorded in the audit)")
+
+
+def _audit_kwargs(args: argparse.Namespace) -> dict:
+    return {"audit_path": args.audit_path, "audit_context": {"purpose": args.purpose}}
+
+
+def _audit_main(args: argparse.Namespace) -> int:
+    from lightning_sustain.data.audit import audit_key, audit_path_for, read_records, verify_audit
+    from lightning_sustain.data.keys import load_keyring
+
+    path = audit_path_for(args.root, args.audit_path)
+    if not path.exists():
+        raise DatasetNotFoundError(f"no access-audit file at {str(path)!r}", shard=str(path))
+    if args.audit_command == "show":
+        records = read_records(path)
+        start = max(0, len(records) - args.last) if args.last else 0
+        for lineno, rec in enumerate(records[start:], start=start + 1):
+            if args.json or not isinstance(rec, dict):
+                print(rec if isinstance(rec, str) else json.dumps(rec, sort_keys=True))
+                continue
+            print(
+                f"{lineno:>6} {rec.get('start', '?')} {rec.get('action', '?'):<10} "
+                f"{rec.get('outcome', '?'):<6} splits={','.join(rec.get('splits') or []) or '-'} "
+                f"samples={rec.get('samples')} key={rec.get('key_id')} "
+                f"user={rec.get('user')}@{rec.get('host')} pid={rec.get('pid')} "
+                f"run={rec.get('run_id') or '-'} purpose={rec.get('purpose') or '-'}"
+                + ("" if rec.get("mac") else " [unauthenticated]")
+            )
+        return EXIT_OK
+    keys = {}
+    if args.key_env or args.key_file or args.key_prompt:
+        ring = load_keyring(args.root)
+        from lightning_sustain.data.reader import resolve_data_key
+
+        data_key, ds_id, _ = resolve_data_key(args.root, _key_ref(args))
+        keys[ring.dataset_id.hex()] = audit_key(data_key, ds_id)
+    report = verify_audit(path, keys, expect_head=args.expect_head)
+    for e in report.errors:
+        print(f"BROKEN: {e}")
+    note = "" if keys else " (no key given: chain checked, MACs not checked)"
+    print(
+        f"{'OK' if report.ok else 'FAILED'}: {report.records} record(s), "
+        f"{report.authenticated} authenticated, {len(report.unauthenticated)} without MAC "
+        f"(failed key resolution), {len(report.unchecked)} of other datasets; "
+        f"head {report.head}{note}"
+    )
+    return EXIT_OK if report.ok else EXIT_INTEGRITY
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
             frame_nbytes=args.frame_kib * 1024,
             shard_nbytes=args.shard_mib * 1024 * 1024,
             progress=not args.no_progress,
+            masking=args.mask,
         )
         key = _key_ref(args, confirm=args.password)
         if src.suffix.lower() == ".npz":
@@ -214,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         report = verify_dataset(args.root, _key_ref(args), args.split,
                                 pin_dataset_id=args.dataset_id,
-                                min_dataset_version=args.min_version)
+                                min_dataset_version=args.min_version, **_audit_kwargs(args))
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not report.ok:
@@ -237,7 +312,10 @@ def _run(args: argparse.Namespace) -> int:
             _key_ref(args),
             _key_ref(args, prefix="new-", confirm=args.new_password),
             new_uses_password=args.new_password,
+            **_audit_kwargs(args),
         )
         print(f"rotated {args.root}: data key now wrapped for key id {ring.key_id}")
         return EXIT_OK
+    if args.command == "audit":
+        return _audit_main(args)
     raise AssertionError(args.command)  # pragma: no cover

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lightning_sustain.data.audit import AuditSession, config_hash
 from lightning_sustain.data.codec import Schema
 from lightning_sustain.data.errors import DatasetNotFoundError, SchemaError
 from lightning_sustain.data.keys import KeyProvider, KeyReference
@@ -143,6 +144,8 @@ class EncryptedShardDataset(IterableDataset):
         expected_version: Refuse other versions of the split.
         pin_dataset_id: Refuse a root holding another dataset (hex id).
         min_dataset_version: Refuse a dataset older than this version.
+        audit_path: Access-audit file (default ``<root>/access-audit.jsonl``).
+        audit_context: Purpose/run fields copied into each audit record.
     """
 
     def __init__(
@@ -164,8 +167,12 @@ class EncryptedShardDataset(IterableDataset):
         expected_version: int | None = None,
         pin_dataset_id: str | None = None,
         min_dataset_version: int | None = None,
+        audit_path: str | None = None,
+        audit_context: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.audit_path = audit_path
+        self.audit_context = dict(audit_context or {})
         self.root = root
         self.split = split
         self.key = key
@@ -193,6 +200,7 @@ class EncryptedShardDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_reader"] = None  # holds the data key; every process opens its own
+        state.pop("_audit_bind", None)
         return state
 
     def __repr__(self) -> str:
@@ -206,13 +214,22 @@ class EncryptedShardDataset(IterableDataset):
             if self._allow_plaintext:
                 self._reader = SplitReader(self.root, self.split, None, None, allow_plaintext=True)
             else:
-                data_key, ds_id, _ = resolve_data_key(self.root, self.key)
+                data_key, ds_id, key_id = resolve_data_key(self.root, self.key)
                 self._reader = SplitReader(
                     self.root, self.split, data_key, ds_id, expected_version=self.expected_version,
                     pin_dataset_id=self.pin_dataset_id,
                     min_dataset_version=self.min_dataset_version,
                 )
+                self._audit_bind = (data_key, ds_id, key_id)
         return self._reader
+
+    def _audit_session(self, worker_id: int) -> AuditSession | None:
+        """One access-audit record per pass over the split (call site of data/audit.py)."""
+        if self._allow_plaintext:
+            return None
+        session = AuditSession(self.root, "read", audit_path=self.audit_path,
+                               context=dict(self.audit_context, worker=worker_id))
+        return session
 
     def _format(self, cols: dict[str, np.ndarray]) -> Any:
         tensors = {k: torch.from_numpy(v) for k, v in cols.items()}
@@ -228,7 +245,17 @@ class EncryptedShardDataset(IterableDataset):
             _disable_core_dumps()
             epoch += self._local_iters  # persistent workers never see the main copy again
             self._local_iters += 1
-        reader = self._open()
+        audit = self._audit_session(worker_id)
+        try:
+            reader = self._open()
+        except BaseException as exc:
+            if audit is not None:
+                audit.finish(exc)
+            raise
+        if audit is not None:
+            audit.bind(*self._audit_bind)
+            audit.split(self.split, reader.manifest.dataset_version)
+            reader.audit = audit
         units = reader.frame_units()
         plan = plan_epoch(
             [u[2] for u in units],
@@ -258,6 +285,8 @@ class EncryptedShardDataset(IterableDataset):
                 si, fi, _ = units[g]
                 cols, buf = reader.read_frame(si, fi)
                 buffers.append(buf)
+                if reader.audit is not None:
+                    reader.audit.rows(b - a)
                 chunks.append({k: cols[k][a:b] for k in names})
                 pending += b - a
                 remaining -= b - a
@@ -291,11 +320,18 @@ class EncryptedShardDataset(IterableDataset):
                     pending = 0
                 for v in merged.values():
                     wipe(v)
+        except BaseException as exc:
+            if reader.audit is not None:
+                reader.audit.finish(exc)
+            raise
         finally:
             chunks = []
             for item in buffers:
                 _release(reader, item)
             reader.wipe_pool()
+            audit, reader.audit = reader.audit, None
+            if audit is not None:
+                audit.finish()
 
 
 def _release(reader: SplitReader, item: bytearray | np.ndarray) -> None:
@@ -367,6 +403,10 @@ class EncryptedShardDataModule(LightningDataModule):
             ``verify``): an older dataset is refused (guards against a rolled-back root).
         pin_memory: Passed to the DataLoader.
         persistent_workers: Passed to the DataLoader.
+        audit_path: Access-audit file (default ``<root>/access-audit.jsonl``); every
+            ``setup`` and every pass of a worker over a split appends a record
+            (:mod:`lightning_sustain.data.audit`).
+        audit_purpose: Why the data is decrypted (e.g. a ticket or study id), recorded.
     """
 
     sensitive_data: ClassVar[bool] = True
@@ -393,6 +433,8 @@ class EncryptedShardDataModule(LightningDataModule):
         dataset_id: str | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        audit_path: str | None = None,
+        audit_purpose: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -431,9 +473,13 @@ class EncryptedShardDataModule(LightningDataModule):
         self.dataset_id = dataset_id
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.audit_path = audit_path
+        self.audit_purpose = audit_purpose
         self.feature_names: list[str] | None = None
         self.schema: Schema | None = None
         self.key_id: str | None = None
+        # masking rules applied when the shards were written (authenticated manifest record)
+        self.masking: dict[str, Any] | None = None
         self._num_samples: dict[str, int] = {}
         self._seed: int | None = None
         # the provider object is not a hyperparameter (it may hold credentials)
@@ -471,7 +517,14 @@ class EncryptedShardDataModule(LightningDataModule):
             DatasetNotFoundError: A configured split does not exist.
             ShardError: Any manifest fails authentication or consistency checks.
         """
-        data_key, dataset_id, key_id = resolve_data_key(self.root, self._key)
+        audit = AuditSession(self.root, "setup", audit_path=self.audit_path,
+                             context=self._audit_context())
+        try:
+            data_key, dataset_id, key_id = resolve_data_key(self.root, self._key)
+        except BaseException as exc:
+            audit.finish(exc)
+            raise
+        audit.bind(data_key, dataset_id, key_id)
         self.key_id = key_id
         wanted = [s for s in self._stages(stage) if self.splits.get(s)]
         if stage == "fit" and not self.splits.get("train"):
@@ -486,20 +539,32 @@ class EncryptedShardDataModule(LightningDataModule):
                     self.root, name, data_key, dataset_id, pin_dataset_id=self.dataset_id,
                     min_dataset_version=self.dataset_version,
                 ) as reader:
+                    audit.split(name, reader.manifest.dataset_version)
                     schema = reader.schema
+                    masking = reader.manifest.masking
                     self._num_samples[which] = len(reader)
                 if self.schema is not None and schema.fields != self.schema.fields:
                     raise SchemaError(
                         f"split {name!r} has fields {schema.names}, other splits have "
                         f"{self.schema.names}"
                     )
+                if self.schema is not None and masking != self.masking:
+                    raise SchemaError(
+                        f"split {name!r} was masked differently from the other splits "
+                        f"({masking} vs {self.masking}); re-encrypt it with the same spec"
+                    )
                 if self.schema is None:
+                    self.masking = masking
                     self.schema = schema
                     self.feature_names = (
                         list(schema.feature_names) if schema.feature_names is not None else None
                     )
+        except BaseException as exc:
+            audit.finish(exc)
+            raise
         finally:
             del data_key
+        audit.finish()
         if self.schema is not None and self.tuple_keys is not None:
             missing = [k for k in self.tuple_keys if k not in self.schema.names]
             if missing:
@@ -509,6 +574,25 @@ class EncryptedShardDataModule(LightningDataModule):
                 )
         self._seed = self._resolve_seed()
         logger.info("encrypted shards at %s opened with key id %s", self.root, key_id)
+
+    def _audit_context(self) -> dict[str, Any]:
+        """Purpose and run of this decryption, for the access audit (no collective)."""
+        trainer = self.trainer
+        log_dir = None
+        model_hparams = None
+        if trainer is not None:
+            logger0 = trainer.loggers[0] if trainer.loggers else None
+            log_dir = getattr(logger0, "log_dir", None) or getattr(logger0, "save_dir", None)
+            log_dir = str(log_dir or trainer.default_root_dir)
+            module = getattr(trainer, "lightning_module", None)
+            model_hparams = dict(getattr(module, "hparams", {}) or {})
+        return {
+            "purpose": self.audit_purpose,
+            "run_id": os.environ.get("LIGHTNING_SUSTAIN_RUN_ID") or log_dir,
+            "log_dir": log_dir,
+            "config_hash": config_hash(dict(self.hparams), model_hparams),
+            "rank": int(trainer.global_rank) if trainer is not None else None,
+        }
 
     def _resolve_seed(self) -> int:
         if self.seed is not None:
@@ -555,6 +639,8 @@ class EncryptedShardDataModule(LightningDataModule):
             tuple_keys=self.tuple_keys,
             pin_dataset_id=self.dataset_id,
             min_dataset_version=self.dataset_version,
+            audit_path=self.audit_path,
+            audit_context=self._audit_context(),
         )
         dataset._allow_plaintext = getattr(self, "_allow_plaintext", False)
         loader = _EpochDataLoader(

@@ -45,6 +45,7 @@ from lightning_sustain.data.errors import (
     StaleShardError,
     UnsupportedFormatError,
 )
+from lightning_sustain.data.masking import validate_record as validate_masking_record
 
 __all__ = [
     "CIPHER_AES_256_GCM",
@@ -496,6 +497,7 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     created_utc: str = ""
     write_id: bytes = bytes(WRITE_ID_NBYTES)
+    masking: dict[str, Any] | None = None  # masking rules applied at write (data/masking.py)
 
     def header(self, nonce: bytes, body_nbytes: int) -> bytes:
         """The plaintext manifest header (also its associated data)."""
@@ -528,6 +530,7 @@ class Manifest:
                 }
                 for s in self.shards
             ],
+            **({"masking": self.masking} if self.masking is not None else {}),
         }
 
     def encode(self, aead: AESGCM | None) -> bytes:
@@ -708,6 +711,10 @@ def _validate_body(body: Any, head: ManifestHeader, shard: str) -> Manifest:
     if sum(s.num_samples for s in shards) != num_samples:
         raise bad("sample count does not match the shards")
     created = body.get("created_utc", "")
+    try:
+        masking = validate_masking_record(body.get("masking"))
+    except SchemaError as exc:
+        raise bad(str(exc)) from None
     return Manifest(
         head.dataset_id,
         head.dataset_version,
@@ -718,6 +725,7 @@ def _validate_body(body: Any, head: ManifestHeader, shard: str) -> Manifest:
         tuple(shards),
         created if isinstance(created, str) else "",
         head.write_id,
+        masking,
     )
 
 

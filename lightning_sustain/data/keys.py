@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from lightning_sustain.data.audit import audited
 from lightning_sustain.data.errors import (
     ConcurrentWriteError,
     KeyFormatError,
@@ -665,6 +666,7 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
     return Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
 
 
+@audited("rotate-key", key_arg="old")
 def rotate_key(
     root: str | os.PathLike[str],
     old: KeyReference | MasterKey | bytes,
@@ -682,6 +684,8 @@ def rotate_key(
 
     Returns:
         The new keyring (already written atomically).
+
+    Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
     with keyring_lock(root):
         return _rotate_locked(root, old, new, new_uses_password)

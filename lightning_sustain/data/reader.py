@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.exceptions import InvalidTag
 
+from lightning_sustain.data.audit import AuditSession, audited
 from lightning_sustain.data.codec import Schema
 from lightning_sustain.data.errors import (
     DatasetNotFoundError,
@@ -193,11 +194,17 @@ class SplitReader:
         pin_dataset_id: Refuse a root holding another dataset (hex id or bytes).
         min_dataset_version: Refuse a dataset older than this version (rollback guard).
 
+    Attributes:
+        audit: Access-audit session fed with every decrypted frame (set by
+            :func:`open_split` and the DataModule); its record is appended on ``close``.
+
     Raises:
         DatasetNotFoundError: No manifest in the split directory.
         EmptyDatasetError: The split holds no samples.
         ShardError: Any authentication or consistency failure of the manifest.
     """
+
+    audit: AuditSession | None = None
 
     def __init__(
         self,
@@ -401,7 +408,7 @@ class SplitReader:
         return fd
 
     def close(self) -> None:
-        """Close open shard files and wipe the buffer pool."""
+        """Close shard files, wipe the buffer pool, append the open_split audit record."""
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)
@@ -409,6 +416,9 @@ class SplitReader:
         for buf, _, _ in self._views.values():
             wipe(buf)
         self._views.clear()
+        audit, self.audit = self.audit, None
+        if audit is not None:
+            audit.finish()
 
     def wipe_pool(self) -> None:
         """Zero every pooled plaintext buffer (they are overwritten on reuse meanwhile)."""
@@ -507,6 +517,8 @@ class SplitReader:
                 self.release(buf)
                 raise SampleDecodeError(f"field {name!r} holds a non-boolean byte",
                                         shard=self._names[shard_index], frame=frame_index)
+        if self.audit is not None:
+            self.audit.frame(self._names[shard_index], n)
         return cols, buf
 
     def release(self, buf: bytearray) -> None:
@@ -539,6 +551,7 @@ class SplitReader:
         return out
 
 
+@audited("open")
 def open_split(
     root: str | os.PathLike[str],
     split: str,
@@ -559,6 +572,9 @@ def open_split(
         expected_version: Refuse other versions of the split.
         pin_dataset_id: Refuse a root that holds another dataset (replaced root).
         min_dataset_version: Refuse a dataset older than this (rolled-back root).
+
+    Every call appends an access-audit record when the reader is closed (keyword
+    arguments ``audit_path`` and ``audit_context``, see :mod:`lightning_sustain.data.audit`).
     """
     data_key, dataset_id, _ = resolve_data_key(root, key)
     return SplitReader(
@@ -602,6 +618,7 @@ class VerifyReport:
         return not self.errors
 
 
+@audited("verify")
 def verify_dataset(
     root: str | os.PathLike[str],
     key: KeyReference | MasterKey,
@@ -624,6 +641,8 @@ def verify_dataset(
         stop_at_first: Stop at the first failure.
         pin_dataset_id: Refuse a root holding another dataset.
         min_dataset_version: Refuse a dataset older than this version.
+
+    Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
     root = Path(root)
     report = VerifyReport(str(root))

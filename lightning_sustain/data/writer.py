@@ -65,6 +65,7 @@ from lightning_sustain.data.keys import (
     load_keyring,
     scrypt_kdf_params,
 )
+from lightning_sustain.data.masking import Masker, MaskingSpec, load_masking_spec, pseudonym_key
 
 __all__ = [
     "ShardWriter",
@@ -172,6 +173,9 @@ class ShardWriter:
         scrypt_n: scrypt cost for new password datasets (power of two).
         progress: Show a progress bar on stderr.
         total: Expected samples, for the progress bar.
+        masking: Masking rules applied before encryption (:mod:`lightning_sustain.data.masking`;
+            a :class:`MaskingSpec`, a mapping, or a JSON/YAML file path); recorded in the
+            authenticated manifest.
 
     Raises:
         ValueError: Bad split name or sizes.
@@ -192,6 +196,7 @@ class ShardWriter:
         scrypt_n: int = 1 << 17,
         progress: bool = True,
         total: int | None = None,
+        masking: MaskingSpec | Mapping[str, Any] | str | None = None,
         _unencrypted_baseline: bool = False,
     ):
         check_split_name(split)
@@ -219,6 +224,7 @@ class ShardWriter:
             self._staging_fd = os.open(self._staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             fcntl.flock(self._staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.generation = 0
+        self._masker = self._make_masker(masking)
         self._schema: Schema | None = None
         self._pending: list[Mapping[str, Any]] = []
         self._shards: list[ShardInfo] = []
@@ -294,6 +300,21 @@ class ShardWriter:
             )
         return found
 
+    def _make_masker(self, masking: Any) -> Masker | None:
+        spec = None if masking is None else load_masking_spec(masking)
+        if not spec:
+            return None
+        key = None if self._data_key is None else pseudonym_key(self._data_key, self.dataset_id)
+        return Masker(spec, key)
+
+    def _mask(self, cols: dict[str, Any]) -> dict[str, Any]:
+        """Apply the masking rules to a batch of columns (call site of data/masking.py)."""
+        if self._masker is None:
+            return cols
+        masked, names = self._masker.apply(cols, self.feature_names)
+        self.feature_names = names
+        return masked
+
     def _pick_version(self, requested: int | None) -> int:
         """Hand out a version no other write of this dataset ever had (root lock held)."""
         dm = self._dataset_manifest()
@@ -329,6 +350,15 @@ class ShardWriter:
 
     def write(self, sample: Mapping[str, Any]) -> None:
         """Append one sample (dict of numpy arrays / tensors / numeric scalars)."""
+        if self._masker is not None and not getattr(self, "_premasked", False):
+            touched = {r.name for r in self._masker.spec.rules}
+            if touched - set(sample):
+                touched |= {k for k, v in sample.items() if np.ndim(v) == 1}
+            masked = self._mask({k: np.asarray(v)[None] for k, v in sample.items()})
+            sample = {
+                k: (sample[k] if k in sample and k not in touched else v[0])
+                for k, v in masked.items()
+            }
         if self._schema is None:
             self._schema = infer_schema(sample, self.feature_names)
         self._pending.append(sample)
@@ -346,6 +376,8 @@ class ShardWriter:
             cols[name] = np.asarray(value)
         if not cols:
             raise SchemaError("write_columns needs at least one column")
+        if not getattr(self, "_premasked", False):
+            cols = self._mask(cols)
         lengths = {name: (a.shape[0] if a.ndim else -1) for name, a in cols.items()}
         if len(set(lengths.values())) != 1 or -1 in lengths.values():
             raise SchemaError(f"columns must share their first (sample) axis, got {lengths}")
@@ -370,8 +402,12 @@ class ShardWriter:
                     raise SchemaError(f"column {f.name!r} has dtype {a.dtype}, schema {f.dtype}")
             cols[f.name] = np.ascontiguousarray(a, dtype=f.np_dtype)
         if self._pending:
-            for i in range(n):
-                self.write({k: v[i] for k, v in cols.items()})
+            self._premasked = True
+            try:
+                for i in range(n):
+                    self.write({k: v[i] for k, v in cols.items()})
+            finally:
+                self._premasked = False
             return
         k = self._per_frame()
         for start in range(0, n - n % k, k):
@@ -475,6 +511,7 @@ class ShardWriter:
                 tuple(self._shards),
                 _now(),
                 self.write_id,
+                self._masker.spec.record() if self._masker is not None else None,
             )
             blob = manifest.encode(self._aead)
             with open(self._staging / MANIFEST_NAME, "wb") as fh:
@@ -678,9 +715,16 @@ def write_csv(
     Every column except ``label_column`` becomes one feature of field ``x`` (shape
     ``(n_features,)``, names stored as ``feature_names``); the label becomes field ``y``.
 
+    With ``masking``, the rules name CSV columns; text cells are allowed in columns that
+    are pseudonymised, dropped or date-generalised. A pseudonymised column becomes its own
+    ``int64`` field named after the column (not a feature of ``x``).
+
     Raises:
         SchemaError: Missing label column, non-numeric cells or ragged rows.
     """
+    if kwargs.get("masking") is not None:
+        return _write_csv_masked(root, split, path, key, label_column, feature_dtype,
+                                 label_dtype, **kwargs)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         try:
@@ -713,3 +757,73 @@ def write_csv(
         arrays["y"] = np.asarray(ys).astype(label_dtype)
     kwargs.setdefault("feature_names", feats)
     return write_arrays(root, split, arrays, key, **kwargs)
+
+
+def _read_csv_text(path: str | os.PathLike[str]) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise EmptyDatasetError(f"CSV file {str(path)!r} is empty") from None
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise SchemaError(f"{path}:{lineno}: {len(row)} cells, header has {len(header)}")
+            rows.append(row)
+    if not rows:
+        raise EmptyDatasetError(f"CSV file {str(path)!r} has no data rows")
+    if len(set(header)) != len(header):
+        raise SchemaError(f"CSV header of {str(path)!r} repeats a column name: {header}")
+    return header, rows
+
+
+def _write_csv_masked(
+    root: str | os.PathLike[str],
+    split: str,
+    path: str | os.PathLike[str],
+    key: KeyReference | MasterKey,
+    label_column: str | None,
+    feature_dtype: str,
+    label_dtype: str,
+    **kwargs: Any,
+) -> WriteResult:
+    """``write_csv`` with masking rules that name CSV columns (text cells allowed)."""
+    header, rows = _read_csv_text(path)
+    if label_column is not None and label_column not in header:
+        raise SchemaError(
+            f"label column {label_column!r} not in CSV header {header}; pass --label with "
+            "one of those names"
+        )
+    table = {h: np.array([r[i] for r in rows]) for i, h in enumerate(header)}
+    kwargs.setdefault("total", len(rows))
+    kwargs.pop("feature_names", None)
+    with ShardWriter(root, split, key, **kwargs) as w:
+        assert w._masker is not None
+        masked, _ = w._masker.apply(table, None)
+        pseudo = {r.name for r in w._masker.spec.rules if r.op == "pseudonymise"}
+        arrays: dict[str, Any] = {}
+        feats = [h for h in header if h in masked and h != label_column and h not in pseudo]
+        for h in (*feats, *([label_column] if label_column in masked else [])):
+            try:
+                masked[h] = np.asarray(masked[h], dtype=np.float64)
+            except ValueError:
+                raise SchemaError(
+                    f"{path}: column {h!r} has non-numeric cells; pseudonymise, drop or "
+                    "date-generalise it in the masking spec"
+                ) from None
+        if feats:
+            arrays["x"] = np.stack([masked[h] for h in feats], axis=1).astype(feature_dtype)
+        if label_column is not None and label_column in masked:
+            arrays["y"] = masked[label_column].astype(label_dtype)
+        for h in header:
+            if h in pseudo:
+                if h in arrays:
+                    raise SchemaError(f"pseudonymised column {h!r} clashes with field {h!r}")
+                arrays[h] = masked[h]
+        w.feature_names = feats
+        w._premasked = True
+        w.write_columns(arrays)
+    return w.result
