@@ -77,10 +77,10 @@ def test_print_config_has_our_parts_and_no_secret(tmp_path: Path) -> None:
 
 
 def _key_forms(raw: bytes) -> list[str]:
-    try:
-        key = bytes.fromhex(raw.decode())
-    except ValueError:
-        key = raw
+    from lightning_sustain.data.keys import parse_raw_key
+
+    key = parse_raw_key(raw, "key file", legacy=True)
+    assert len(key) == 32
     return [
         key.hex(), key.hex().upper(), base64.b64encode(key).decode(),
         base64.urlsafe_b64encode(key).decode().rstrip("="), raw.decode(errors="ignore"),
