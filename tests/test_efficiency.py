@@ -92,6 +92,13 @@ def test_counting_leaves_grads_buffers_mode_and_rng_as_they_were() -> None:
     rng = torch.get_rng_state()
     count_step_flops(model, x, train=True)
     assert all(p.grad is None for p in model.parameters())
+    # gradients accumulated before the count are kept as they were
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    x_needing_grad = x.clone().requires_grad_(True)
+    count_step_flops(model, x_needing_grad, train=True)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
+    assert x_needing_grad.grad is None
     assert torch.equal(model[1].running_mean, running)
     assert int(model[1].num_batches_tracked) == 0
     assert torch.equal(torch.get_rng_state(), rng)
@@ -212,3 +219,22 @@ def test_zero_denominators_give_none_not_inf_and_dict_is_json() -> None:
     assert "FlopCounterMode" in data["method"]
     assert data["tokens_per_j"] == pytest.approx(20.0)
     assert data["samples"] == 20
+
+
+def test_efficiency_module_imports_no_lightning() -> None:
+    import ast
+    from pathlib import Path
+
+    import lightning_sustain.energy.efficiency as module
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "torch" in imported
+    assert not any(
+        name and name.split(".")[0] in ("lightning", "pytorch_lightning") for name in imported
+    )
