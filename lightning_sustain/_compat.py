@@ -24,8 +24,8 @@ sites stay unchanged:
   API) instead of ``lightning.pytorch.overrides.distributed._register_ddp_comm_hook``.
 - ``can_stop_early``: the fit loop's public ``min_epochs``/``min_steps`` and progress
   counters instead of ``trainer.fit_loop._can_stop_early``.
-- ``StrategyRegistryType``: the class of the public ``StrategyRegistry`` instance when the
-  private ``_StrategyRegistry`` class is not where it was.
+- ``StrategyRegistryType``: the class of the public ``StrategyRegistry`` instance instead
+  of the private ``_StrategyRegistry`` class.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ SUPPORTED = "lightning>=2.4,<3 (tested by `make test-compat` on the oldest and n
 
 # name here -> where it is looked up, in order ("module:attribute")
 _LOCATIONS: dict[str, tuple[str, ...]] = {
-    # the registry class, for the type of Strategy.register_strategies(cls, registry)
-    "StrategyRegistryType": (
-        "lightning.fabric.strategies.registry:_StrategyRegistry",
-        "lightning.fabric.strategies:_StrategyRegistry",
-    ),
     # the thread that SIGKILLs a DDP job when one of its child processes dies
     "ChildProcessObserver": (
         "lightning.fabric.strategies.launchers.subprocess_script:_ChildProcessObserver",
@@ -109,7 +104,8 @@ class Resolution:
 
     Attributes:
         name: the name in this module.
-        source: ``"module:attribute"`` it was found at, or ``"fallback"`` for ours.
+        source: ``"module:attribute"`` it was found at, ``"public: ..."`` for a name
+            built from public API, or ``"fallback"`` for ours.
         value: the object.
     """
 
@@ -202,8 +198,16 @@ def _strategy_registry_type() -> type:
     return type(StrategyRegistry)
 
 
+# names built from public API only (no private lookup): name -> (how, factory)
+_PUBLIC: dict[str, tuple[str, Callable[[], Any]]] = {
+    # the registry class, for the type of Strategy.register_strategies(cls, registry)
+    "StrategyRegistryType": (
+        "public: type(lightning.pytorch.strategies.StrategyRegistry)",
+        _strategy_registry_type,
+    ),
+}
+
 _FALLBACKS: dict[str, Callable[[], Any]] = {
-    "StrategyRegistryType": _strategy_registry_type,
     "ChildProcessObserver": lambda: _FallbackChildProcessObserver,
     "set_num_threads_if_needed": lambda: _set_num_threads_if_needed,
 }
@@ -274,6 +278,9 @@ def resolve(name: str) -> Resolution:
             message names the supported versions.
         KeyError: ``name`` is not a compatibility name.
     """
+    if name in _PUBLIC:
+        how, factory = _PUBLIC[name]
+        return Resolution(name, how, factory())
     errors: list[str] = []
     for location in _LOCATIONS[name]:
         try:
@@ -291,11 +298,11 @@ def resolve(name: str) -> Resolution:
     )
 
 
-NAMES: tuple[str, ...] = tuple(_LOCATIONS)
+NAMES: tuple[str, ...] = (*_LOCATIONS, *_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LOCATIONS:
+    if name in NAMES:
         value = resolve(name).value
         globals()[name] = value  # resolved once
         return value
@@ -303,4 +310,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LOCATIONS})
+    return sorted({*globals(), *NAMES})

@@ -45,6 +45,8 @@ def test_every_compat_name_resolves_from_the_installed_packages(name: str) -> No
     assert resolution.source != "fallback", (
         f"lightning {lightning.__version__} no longer has {name} at {_compat._LOCATIONS[name]}"
     )
+    if not resolution.source.startswith("public:"):
+        assert resolution.source in _compat._LOCATIONS[name]
     assert getattr(_compat, name) is resolution.value
 
 
@@ -92,13 +94,14 @@ def _forced_fallback(monkeypatch, name: str) -> object:
     return resolution.value
 
 
-def test_registry_type_fallback_is_lightnings_registry_class(monkeypatch) -> None:
+def test_registry_type_from_public_api_is_lightnings_registry_class() -> None:
+    from lightning.fabric.strategies import registry
     from lightning.pytorch.strategies import StrategyRegistry
 
-    private = _compat.resolve("StrategyRegistryType").value
-    fallback = _forced_fallback(monkeypatch, "StrategyRegistryType")
-    assert fallback is private
-    assert isinstance(StrategyRegistry, fallback)
+    resolution = _compat.resolve("StrategyRegistryType")
+    assert resolution.source.startswith("public:")
+    assert resolution.value is registry._StrategyRegistry
+    assert isinstance(StrategyRegistry, resolution.value)
 
 
 @given(num_processes=st.integers(1, 64), preset=st.one_of(st.none(), st.integers(1, 8)))
