@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_sustain._compat import can_stop_early
 from lightning_sustain.budget.forecast import (
     EnergyForecast,
     StepEnergyTracker,
@@ -578,7 +579,7 @@ class EnergyBudget(Callback):
             raise BudgetExceeded(message, spent, budget_j, path)
         logger.warning("EnergyBudget: %s Stopping.", message)
         trainer.should_stop = True
-        if not trainer.fit_loop._can_stop_early:
+        if not can_stop_early(trainer):
             logger.warning(
                 "EnergyBudget: min_steps/min_epochs are not reached yet, so Lightning keeps "
                 "training; the budget will be exceeded. Lower min_steps/min_epochs or use "

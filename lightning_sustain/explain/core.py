@@ -228,7 +228,7 @@ def _deep_values(
     batch_size: int,
     deadline: float | None,
 ) -> tuple[np.ndarray, bool]:
-    from shap.explainers._deep.deep_pytorch import add_interim_values, deeplift_grad
+    from lightning_sustain._compat import add_interim_values, deeplift_grad
 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     n_bg, shape = len(bg), tuple(x.shape[1:])

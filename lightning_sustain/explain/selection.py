@@ -62,7 +62,7 @@ _STATEFUL_HANDLERS = frozenset({"nonlinear_1d", "maxpool"})
 
 def deep_op_handler() -> dict[str, Any]:
     """Return SHAP's DeepExplainer table ``{nn.Module class name: handler}`` for PyTorch."""
-    from shap.explainers._deep.deep_pytorch import op_handler
+    from lightning_sustain._compat import op_handler
 
     return dict(op_handler)
 

@@ -38,21 +38,19 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import (
-    _MultiProcessingLauncher,
-    _SubprocessScriptLauncher,
-)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel.distributed import DistributedDataParallel
 
+from lightning_sustain._compat import ChildProcessObserver as _ChildProcessObserver
+from lightning_sustain._compat import MultiProcessingLauncher as _MultiProcessingLauncher
+from lightning_sustain._compat import StrategyRegistryType as _StrategyRegistry
+from lightning_sustain._compat import SubprocessScriptLauncher as _SubprocessScriptLauncher
+from lightning_sustain._compat import register_ddp_comm_hook as _register_ddp_comm_hook
+from lightning_sustain._compat import set_num_threads_if_needed as _set_num_threads_if_needed
 from lightning_sustain.budget.limits import (
     PowerLimitGuard,
     ensure_sigterm_handler,
