@@ -285,9 +285,15 @@ class EnergyMonitor(Callback):
         self.run.begin_phase("validation")
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, outputs: Any, *args: Any, **kwargs: Any
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        self.run.step()
+        self.run.step(_batch_size(batch))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.current_stage == "validate":
