@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = TinyGPT(block=args.block)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model, optimizer = fabric.setup(model, optimizer)  # the monitor learns ranks and device
+    model.mark_forward_method("generate")  # inference through the strategy's wrapper
 
     fabric.call("on_train_start")
     model.train()
