@@ -22,6 +22,9 @@ from tests.helpers import TinyClassifier, loader
 
 STAGE_HOOKS = ("fit", "validation", "test", "predict")
 REL = 0.04  # stage ends: idle power between the monitor's marks and the truth callback's
+# Interpolating a 20 ms counter at a stage boundary that follows a busy step can misplace
+# up to (busy - idle power) x one counter period: the bound for short stages.
+BOUNDARY_J = (350.0 - 70.0) * 0.02
 
 
 class PredictingClassifier(TinyClassifier):
@@ -279,3 +282,112 @@ def test_early_stopping_on_an_energy_threshold(setup) -> None:
     trainer.fit(model, loader(n=320))
     assert trainer.current_epoch < 19 and trainer.should_stop
     assert json.loads((run_dir / "energy_summary.json").read_text())["totals"]["steps"] < 200
+
+
+DDP_SCRIPT = '''
+import json, os, sys
+import torch
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_sustain import EnergyMonitor
+from lightning_sustain.testing import SimulatedNVML
+
+OUT, FAIL_STEP = sys.argv[1], int(sys.argv[2])
+
+
+class Busy(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 2)
+        self.sim = None
+
+    def _busy(self):
+        if self.sim is None:
+            self.sim = SimulatedNVML.attach()
+        self.sim.busy(self.trainer.local_rank, 0.01)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == FAIL_STEP:
+            raise RuntimeError("injected failure on rank 1")
+        self._busy()
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def test_step(self, batch, batch_idx):
+        self._busy()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def data(n):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
+
+
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, accumulate_grad_batches=2,
+    callbacks=[EnergyMonitor(cpu="none", dirpath=OUT, report=False, log_every_n_steps=2)],
+    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    enable_model_summary=False,
+)
+model = Busy()
+trainer.fit(model, data(128))
+if FAIL_STEP < 0:
+    trainer.test(model, data(64))
+with open(os.path.join(OUT, "steps_rank%d.json" % trainer.global_rank), "w") as f:
+    json.dump({"global_step": trainer.global_step}, f)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_fit_then_test(tmp_path: Path, simulated_nvml) -> None:
+    from tests.frontends import run_driven, truth_events, truth_j
+
+    simulated_nvml(2, counter_period_s=0.02)
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    proc = run_driven(script, [str(out), "-1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summary_of(out)
+    totals = summary["totals"]
+    events = truth_events(tmp_path)
+    steps = {json.loads(p.read_text())["global_step"] for p in out.glob("steps_rank*.json")}
+    # 128 samples / 2 ranks / batch 4 = 16 batches per rank; accumulate 2 -> 8 steps
+    assert steps == {8} and totals["steps"] == 8 and totals["batches"] == 16
+    assert totals["samples"] == 128
+    assert summary["world_size"] == 2 and [r["global_rank"] for r in summary["ranks"]] == [0, 1]
+    for rank in (0, 1):
+        assert summary["ranks"][rank]["train_energy_j"] > 0
+        expected = truth_j(events, "fit", rank) + truth_j(events, "test", rank)
+        # two stages, two boundaries each
+        assert summary["ranks"][rank]["energy_j"] == pytest.approx(
+            expected, rel=REL, abs=4 * BOUNDARY_J
+        )
+    assert totals["fit_energy_j"] == pytest.approx(truth_j(events, "fit"), rel=REL)
+    # 2 ranks x 2 boundaries of a ~0.15 s stage
+    assert totals["test_energy_j"] == pytest.approx(truth_j(events, "test"), abs=4 * BOUNDARY_J)
+    assert [s["stage"] for s in summary["stages"]] == ["fit", "test"]
+
+
+@pytest.mark.slow
+def test_ddp_rank_failure_keeps_every_ranks_last_energy(tmp_path: Path, simulated_nvml) -> None:
+    from tests.frontends import run_driven
+
+    simulated_nvml(2, counter_period_s=0.02)
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    proc = run_driven(script, [str(out), "9"], tmp_path, timeout_s=240)
+    assert proc.returncode != 0
+    summary = summary_of(out)
+    assert summary["status"].startswith("interrupted")
+    # both ranks' energy is in the job summary: rank 1's own record at its failure, rank
+    # 0's last log-interval record (or its own at its end); none is missing
+    assert summary["missing_ranks"] == []
+    by_rank = {r["global_rank"]: r for r in summary["ranks"]}
+    assert set(by_rank) == {0, 1}
+    assert by_rank[1]["batches"] == 9
+    assert all(r["train_energy_j"] > 0 for r in by_rank.values())
