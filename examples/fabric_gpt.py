@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if sim is not None:
             sim.busy(fabric.local_rank, args.simulate_gpu_load)
         fabric.call(
-            "on_predict_batch_end", samples=prompt.shape[0], tokens=prompt.shape[0] * args.new_tokens
+            "on_predict_batch_end",
+            samples=prompt.shape[0],
+            tokens=prompt.shape[0] * args.new_tokens,
         )
     fabric.call("on_predict_end")
     monitor.close()

@@ -12,22 +12,35 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "truth_driver.py"
 
 
-def run_driven(script: Path, args: list[str], tmp_path: Path, *, torchrun: int = 0,
-               timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+def run_driven(
+    script: Path, args: list[str], tmp_path: Path, *, torchrun: int = 0, timeout_s: float = 300.0
+) -> subprocess.CompletedProcess:
     """Run ``script`` under the truth driver (optionally through torchrun)."""
     truth = tmp_path / "truth"
     truth.mkdir(exist_ok=True)
-    env = dict(os.environ, DRIVEN_SCRIPT=str(script), TRUTH_DIR=str(truth),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    env = dict(
+        os.environ,
+        DRIVEN_SCRIPT=str(script),
+        TRUTH_DIR=str(truth),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(key, None)
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               "--standalone", str(DRIVER), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            "--standalone",
+            str(DRIVER),
+            *args,
+        ]
     else:
         cmd = [sys.executable, str(DRIVER), *args]
-    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=timeout_s)  # fmt: skip
+    return subprocess.run(
+        cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def truth_events(tmp_path: Path) -> list[dict]:
@@ -40,5 +53,8 @@ def truth_events(tmp_path: Path) -> list[dict]:
 
 def truth_j(events: list[dict], stage: str, rank: int | None = None) -> float:
     """Ground-truth joules of a stage, over every rank or one."""
-    return sum(e["end_j"] - e["start_j"] for e in events
-               if e["stage"] == stage and "end_j" in e and (rank is None or e["rank"] == rank))  # fmt: skip
+    return sum(
+        e["end_j"] - e["start_j"]
+        for e in events
+        if e["stage"] == stage and "end_j" in e and (rank is None or e["rank"] == rank)
+    )
