@@ -35,6 +35,7 @@ import contextlib
 import copy
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -97,9 +98,6 @@ METRIC_PREFIX = "energy/"
 #: Keys shown in a progress bar (a subset of the logged keys, same names).
 PROGRESS_BAR_KEYS = (f"{METRIC_PREFIX}power_w", f"{METRIC_PREFIX}energy_kwh")
 STATE_VERSION = 2
-#: A step end later than this after the last resolution triggers a resolution (no
-#: collective), so marks stay inside the meter's history however long a phase runs.
-_RESOLVE_EVERY_S = 30.0
 
 
 class _CudaClock:
@@ -167,6 +165,9 @@ class EnergyRun:
         devices: already-open devices to measure instead of opening them here.
         rank_record_interval_s: the shortest time between two writes of this rank's
             record at log intervals.
+        resolve_interval_s: how often the background resolver turns recorded step
+            boundaries into per-step energy (and trace rows); the training thread never
+            does this work except at stage ends and checkpoints.
 
     Raises:
         ValueError: a setting is not valid; the message names it.
@@ -192,6 +193,7 @@ class EnergyRun:
         sync: bool = True,
         devices: Sequence[EnergyDevice] | None = None,
         rank_record_interval_s: float = 1.0,
+        resolve_interval_s: float = 0.5,
     ) -> None:
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.nvml_devices = validate_gpu_selection(nvml_devices, "nvml_devices")
@@ -213,6 +215,12 @@ class EnergyRun:
         self.sync = sync
         self._given_devices = list(devices) if devices is not None else None
         self.rank_record_interval_s = rank_record_interval_s
+        self.resolve_interval_s = validate_positive("resolve_interval_s", resolve_interval_s)
+        # the resolver thread and the caller's thread share the resolved state below
+        self._lock = threading.RLock()
+        self._resolver: threading.Thread | None = None
+        self._stop_resolver = threading.Event()
+        self._wake_resolver = threading.Event()
 
         self.meter: EnergyMeter | None = None
         self.accountant: EnergyAccountant | None = None
@@ -285,6 +293,7 @@ class EnergyRun:
         self.meter = EnergyMeter(devices, interval_s=self.interval_s)
         self.accountant = EnergyAccountant(self.meter, on_steps=self._on_resolved_steps)
         self._device_infos = self.meter.device_infos
+        self._start_resolver()
         if self.root_device is not None and getattr(self.root_device, "type", "") == "cuda":
             self._cuda_clock = _CudaClock(self.root_device)
         labels = ", ".join(f"{i.name} [{i.provenance_label}]" for i in self._device_infos)
@@ -301,7 +310,41 @@ class EnergyRun:
             self.end_stage()
         self._close_meter()
 
+    def _start_resolver(self) -> None:
+        self._stop_resolver = threading.Event()
+        self._resolver = threading.Thread(
+            target=self._resolver_loop,
+            args=(self._stop_resolver,),
+            name="lightning-sustain-resolver",
+            daemon=True,
+        )
+        self._resolver.start()
+
+    def _resolver_loop(self, stop: threading.Event) -> None:
+        warned = False
+        while not stop.is_set():
+            self._wake_resolver.wait(self.resolve_interval_s)
+            self._wake_resolver.clear()
+            if stop.is_set():
+                return
+            try:
+                self._resolve(convert_cuda=False)
+            except Exception as exc:  # measurement must never take training down
+                if not warned:
+                    logger.warning("EnergyRun's resolver failed (figures may lag): %s", exc)
+                    warned = True
+
+    def _stop_resolver_thread(self) -> None:
+        thread, self._resolver = self._resolver, None
+        if thread is None:
+            return
+        self._stop_resolver.set()
+        self._wake_resolver.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
     def _close_meter(self) -> None:
+        self._stop_resolver_thread()
         if self._trace_writer is not None:
             self._trace_writer.close()
             self._trace_writer = None
@@ -407,9 +450,10 @@ class EnergyRun:
     def _leave_phase(self, now: float) -> None:
         if self._phase_mark is not None and self.accountant is not None:
             end = self.accountant.mark(now)
-            self._intervals.append(
-                (self._phase, self._phase_mark, end, self._batches, self._samples, self._tokens)
-            )
+            with self._lock:
+                self._intervals.append(
+                    (self._phase, self._phase_mark, end, self._batches, self._samples, self._tokens)
+                )
         self._phase_mark = None
 
     def begin_phase(self, phase: str = "validation") -> None:
@@ -527,10 +571,8 @@ class EnergyRun:
         self._since_flush += 1
         if self._since_flush >= self.log_every_n_steps:
             return self.flush()
-        if accountant.needs_resolve() or (
-            clock is None and now - self._last_resolve_s > _RESOLVE_EVERY_S
-        ):
-            self._resolve()
+        if accountant.needs_resolve():  # bounds memory if the resolver falls behind
+            self._wake_resolver.set()
         return None
 
     def set_epoch(self, epoch: int) -> None:
@@ -561,14 +603,18 @@ class EnergyRun:
                 accountant.record_step(index, epoch, start_s, end_s, samples)
         self._pending_cuda = remaining
 
-    def _resolve(self, wait: bool = False, timeout_s: float = 2.0) -> None:
-        accountant = self.accountant
-        if accountant is None:
-            return
-        self._last_resolve_s = time.monotonic()
-        self._convert_cuda(wait)
-        accountant.resolve(wait=wait, timeout_s=timeout_s)
-        self._resolve_intervals()
+    def _resolve(
+        self, wait: bool = False, timeout_s: float = 2.0, convert_cuda: bool = True
+    ) -> None:
+        with self._lock:
+            accountant = self.accountant
+            if accountant is None:
+                return
+            self._last_resolve_s = time.monotonic()
+            if convert_cuda:  # CUDA events are only touched on the thread that records them
+                self._convert_cuda(wait)
+            accountant.resolve(wait=wait, timeout_s=timeout_s)
+            self._resolve_intervals()
 
     def _resolve_intervals(self) -> None:
         accountant = self.accountant
@@ -636,27 +682,32 @@ class EnergyRun:
             The job-wide metrics (``energy/...`` keys), also kept in :attr:`metrics`.
         """
         self._since_flush = 0
-        self._resolve()
-        if self._window_duration_s > 0:
-            power_w = self._window_energy_j / self._window_duration_s
-        else:  # no step resolved in this window yet: the curves' last second instead
-            power_w = self._recent_power_w()
-        train = self._train_totals()
-        covered = self.meter.latest_time_s() if self.meter is not None else None
-        run_j = self._closed_run_energy_j()
-        if covered is not None and self._stage is not None:
-            run_j += self._open_stage_energy_j(covered)
-        local = {
-            "train_energy_j": phase_energy_j(train),
-            "power_w": power_w,
-            "window_energy_j": self._window_energy_j,
-            "window_steps": float(self._window_steps),
-            "run_energy_j": run_j,
-        }
+        # the steps themselves are resolved by the resolver thread: here only what it
+        # resolved so far is read (at most resolve_interval_s old)
+        with self._lock:
+            if self._cuda_clock is not None:
+                self._convert_cuda()
+            if self._window_duration_s > 0:
+                power_w = self._window_energy_j / self._window_duration_s
+            else:  # no step resolved in this window yet: the curves' last second instead
+                power_w = self._recent_power_w()
+            train = self._train_totals()
+            covered = self.meter.latest_time_s() if self.meter is not None else None
+            run_j = self._closed_run_energy_j()
+            if covered is not None and self._stage is not None:
+                run_j += self._open_stage_energy_j(covered)
+            local = {
+                "train_energy_j": phase_energy_j(train),
+                "power_w": power_w,
+                "window_energy_j": self._window_energy_j,
+                "window_steps": float(self._window_steps),
+                "run_energy_j": run_j,
+            }
+            self._window_energy_j = self._window_duration_s = 0.0
+            self._window_steps = 0
+        self._wake_resolver.set()
         do_sync = self.sync if sync is None else sync
         cluster = all_reduce_sum(local) if do_sync else local
-        self._window_energy_j = self._window_duration_s = 0.0
-        self._window_steps = 0
         train_j = cluster["train_energy_j"] + self._prior_energy("train")
         total_j = cluster["run_energy_j"] + sum(self._prior_energy(s) for s in STAGES)
         steps = max(1.0, cluster["window_steps"])
@@ -750,8 +801,9 @@ class EnergyRun:
         Args:
             open_until: include the open stage up to this ``time.monotonic()`` moment.
         """
-        phases = copy.deepcopy(self._phases)
-        phases["train"] = self._train_totals()
+        with self._lock:
+            phases = copy.deepcopy(self._phases)
+            phases["train"] = self._train_totals()
         if open_until is not None and self._stage is not None and self.accountant is not None:
             start = (
                 self.accountant.energy_at_mark(self._stage_mark)
@@ -828,7 +880,8 @@ class EnergyRun:
         if self.accountant is not None and self._stage_mark is not None:
             end = self.accountant.mark(now)
             counts = (0, 0, 0) if stage == "fit" else (self._batches, self._samples, self._tokens)
-            self._intervals.append((stage, self._stage_mark, end, *counts))
+            with self._lock:
+                self._intervals.append((stage, self._stage_mark, end, *counts))
         try:
             self._resolve(wait=True)
         except Exception as exc:  # a summary must still be written
@@ -960,8 +1013,11 @@ class EnergyRun:
         """
         until = None
         if self.accountant is not None:
+            now = time.monotonic()
             self._resolve(wait=True, timeout_s=1.0)
-            until = self.meter.latest_time_s() if self.meter is not None else None
+            if self.meter is not None:
+                covered = self.meter.wait_until_covered(now, timeout_s=1.0)
+                until = now if covered else self.meter.latest_time_s()
         record = self.local_record(open_until=until)
         records = all_gather_objects(record) if self.sync and process_group_ready() else [record]
         phases, optimizer_steps = combine_phases(records, self._prior)
