@@ -164,7 +164,8 @@ class EnergyRun:
             between log intervals and end stages together (as DDP loops do).
         devices: already-open devices to measure instead of opening them here.
         rank_record_interval_s: the shortest time between two writes of this rank's
-            record at log intervals.
+            record at log intervals (a file write; after a failure, a rank's figures are
+            at most this old).
         resolve_interval_s: how often the background resolver turns recorded step
             boundaries into per-step energy (and trace rows); the training thread never
             does this work except at stage ends and checkpoints.
@@ -192,7 +193,7 @@ class EnergyRun:
         root_device: torch.device | None = None,
         sync: bool = True,
         devices: Sequence[EnergyDevice] | None = None,
-        rank_record_interval_s: float = 1.0,
+        rank_record_interval_s: float = 10.0,
         resolve_interval_s: float = 0.5,
     ) -> None:
         self.dirpath = Path(dirpath) if dirpath is not None else None
