@@ -176,3 +176,17 @@ def test_metric_history_for_energy_to_target(tmp_path: Path) -> None:
     energies = [h["energy_j"] for h in history]
     assert energies == sorted(energies) and energies[0] > 0
     assert history[-1]["elapsed_s"] > history[0]["elapsed_s"]
+
+
+def test_old_argument_names_warn_and_still_work(tmp_path: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="nvml_devices"):
+        monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path / "old"))
+    assert monitor.nvml_devices == "none" and monitor.dirpath == str(tmp_path / "old")
+    fit(tmp_path, monitor)
+    assert (tmp_path / "old" / "energy_summary.json").exists()
+
+
+def test_default_dirpath_is_the_trainer_log_dir(tmp_path: Path) -> None:
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", report=False)
+    trainer = fit(tmp_path, monitor, logger=CSVLogger(tmp_path))
+    assert (Path(trainer.log_dir) / "energy_summary.json").exists()
