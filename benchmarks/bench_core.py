@@ -332,9 +332,9 @@ def frontend_trainer(sim, steps, busy_s, root) -> dict:
 def frontend_fabric(sim, steps, busy_s, root) -> dict:
     monitor = FabricEnergyMonitor(root, cpu="none", log_every_n_steps=10, report=False)
     fabric = Fabric(accelerator="cpu", devices=1, callbacks=[monitor])
-    model = Model(sim=sim, busy_s=busy_s)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    model, optimizer = fabric.setup(model, optimizer)
+    net = Model().net  # the same network, as a plain module
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    model, optimizer = fabric.setup(net, optimizer)
     fabric.call("on_train_start")
     for i, (x, y) in enumerate(data(steps)):
         sim.busy(0, busy_s)
