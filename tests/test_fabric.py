@@ -10,7 +10,7 @@ from lightning.fabric import Fabric
 
 from lightning_sustain import FabricEnergyMonitor
 from lightning_sustain.report.trace import read_summary
-from tests.frontends import REPO, run_driven, truth_events, truth_j
+from tests.frontends import BOUNDARY_J, REPO, run_driven, truth_events, truth_j
 
 
 def _loop(fabric, model, optimizer, sim, steps, accumulate=1, busy_s=0.01):
@@ -54,7 +54,8 @@ def test_fabric_callbacks_measure_fit_and_predict(tmp_path: Path, simulated_nvml
     assert totals["steps"] == 4, "optimizer steps counted through Fabric's own hook"
     assert totals["batches"] == 12 and totals["tokens"] == 12 * 128
     assert totals["fit_energy_j"] == pytest.approx(t1 - t0, rel=0.05)
-    assert totals["predict_energy_j"] == pytest.approx(p1 - p0, rel=0.1)
+    # a 0.05 s stage: its two boundaries dominate the error
+    assert totals["predict_energy_j"] == pytest.approx(p1 - p0, abs=2 * BOUNDARY_J)
     assert totals["predict_tokens"] == 200
     assert totals["predict_energy_per_token_j"] == pytest.approx(totals["predict_energy_j"] / 200)
     assert totals["sci_per_token_g"] > 0
@@ -116,7 +117,9 @@ def test_fabric_ddp_two_ranks_per_rank_accounting(tmp_path: Path, simulated_nvml
     assert totals["predict_tokens"] == 2 * 3 * 2 * 4
     for rank in (0, 1):
         expected = truth_j(events, "fit", rank) + truth_j(events, "predict", rank)
-        assert summary["ranks"][rank]["energy_j"] == pytest.approx(expected, rel=0.05)
+        assert summary["ranks"][rank]["energy_j"] == pytest.approx(
+            expected, rel=0.05, abs=4 * BOUNDARY_J
+        )
     assert totals["energy_j"] == pytest.approx(
         truth_j(events, "fit") + truth_j(events, "predict"), rel=0.05
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_sustain.report.trace import read_summary
-from tests.frontends import REPO, run_driven, truth_events, truth_j
+from tests.frontends import BOUNDARY_J, REPO, run_driven, truth_events, truth_j
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,15 @@ def test_torchrun_two_ranks_matches_ground_truth(tmp_path: Path, simulated_nvml)
     for rank in (0, 1):
         per_rank = summary["ranks"][rank]
         fit_truth, predict_truth = truth_j(events, "fit", rank), truth_j(events, "predict", rank)
-        assert per_rank["energy_j"] == pytest.approx(fit_truth + predict_truth, rel=0.04)
+        # two stages, two boundaries each
+        assert per_rank["energy_j"] == pytest.approx(
+            fit_truth + predict_truth, rel=0.04, abs=4 * BOUNDARY_J
+        )
     assert totals["fit_energy_j"] == pytest.approx(truth_j(events, "fit"), rel=0.04)
-    assert totals["predict_energy_j"] == pytest.approx(truth_j(events, "predict"), rel=0.06)
+    # a ~0.1 s stage: 2 ranks x 2 boundaries dominate the error
+    assert totals["predict_energy_j"] == pytest.approx(
+        truth_j(events, "predict"), abs=4 * BOUNDARY_J
+    )
     assert totals["predict_energy_per_sample_j"] > 0 and totals["sci_per_inference_g"] > 0
     rows = list(csv.DictReader((out / "energy_trace.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(30))  # rank zero's trace
