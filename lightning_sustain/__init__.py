@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS: dict[str, str] = {
     "EnergyMonitor": "lightning_sustain.callbacks.energy_monitor",
     "EnergyMeter": "lightning_sustain.energy.meter",
+    "EnergyRun": "lightning_sustain.run.energy_run",
+    "FabricEnergyMonitor": "lightning_sustain.fabric",
     "EncryptedShardDataModule": "lightning_sustain.data.datamodule",
     "ShardWriter": "lightning_sustain.data.writer",
     "KeyProvider": "lightning_sustain.data.keys",

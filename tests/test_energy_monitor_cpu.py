@@ -33,7 +33,7 @@ def fit(tmp_path: Path, monitor: EnergyMonitor, logger=False, max_epochs=1, **kw
 
 
 def test_summary_and_trace_with_csv_logger(tmp_path: Path) -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="estimate", country="FR")
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", country="FR")
     trainer = fit(tmp_path, monitor, logger=CSVLogger(tmp_path), max_epochs=2)
     log_dir = Path(trainer.log_dir)
     summary = read_summary(log_dir / "energy_summary.json")
@@ -67,7 +67,7 @@ def test_summary_and_trace_with_csv_logger(tmp_path: Path) -> None:
 def test_tensorboard_logger_receives_energy_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monitor = EnergyMonitor(gpus="none", cpu="estimate")
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate")
     trainer = fit(tmp_path, monitor, logger=TensorBoardLogger(tmp_path))
     acc = EventAccumulator(trainer.log_dir)
     acc.Reload()
@@ -76,14 +76,15 @@ def test_tensorboard_logger_receives_energy_scalars(tmp_path: Path) -> None:
 
 
 def test_progress_bar_shows_power_and_energy(tmp_path: Path) -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="estimate")
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate")
     trainer = fit(tmp_path, monitor)
-    assert {"power_W", "energy_Wh"} <= set(trainer.progress_bar_metrics)
-    assert trainer.progress_bar_metrics["energy_Wh"] > 0
+    # the progress bar shows logged keys under the same names (one key scheme)
+    assert {"energy/power_w", "energy/energy_kwh"} <= set(trainer.progress_bar_metrics)
+    assert trainer.progress_bar_metrics["energy/energy_kwh"] > 0
 
 
 def test_validate_and_test_accounted_separately(tmp_path: Path) -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path / "t"))
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", dirpath=str(tmp_path / "t"))
     trainer = pl.Trainer(
         callbacks=[monitor], logger=False, enable_progress_bar=False, default_root_dir=tmp_path
     )
@@ -95,11 +96,11 @@ def test_validate_and_test_accounted_separately(tmp_path: Path) -> None:
 
 
 def test_resume_keeps_counting(tmp_path: Path) -> None:
-    first = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path / "a"))
+    first = EnergyMonitor(nvml_devices="none", cpu="estimate", dirpath=str(tmp_path / "a"))
     trainer = fit(tmp_path, first, max_epochs=1, enable_checkpointing=True)
     ckpt = trainer.checkpoint_callback.best_model_path
     spent = read_summary(tmp_path / "a" / "energy_summary.json")["totals"]
-    second = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path / "b"))
+    second = EnergyMonitor(nvml_devices="none", cpu="estimate", dirpath=str(tmp_path / "b"))
     trainer2 = pl.Trainer(
         max_epochs=2, callbacks=[second], logger=False, enable_progress_bar=False,
         default_root_dir=tmp_path, log_every_n_steps=2,
@@ -112,7 +113,7 @@ def test_resume_keeps_counting(tmp_path: Path) -> None:
 
 
 def test_corrupt_checkpoint_state_is_a_clear_error() -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="none")
+    monitor = EnergyMonitor(nvml_devices="none", cpu="none")
     with pytest.raises(ValueError, match="not in a known format"):
         monitor.load_state_dict({"something": 1})
 
@@ -125,8 +126,8 @@ def test_corrupt_checkpoint_state_is_a_clear_error() -> None:
         ({"watts_per_core": -3}, "watts_per_core"),
         ({"interval_s": 0}, "interval_s"),
         ({"log_every_n_steps": 0}, "log_every_n_steps"),
-        ({"gpus": "all"}, "gpus"),
-        ({"gpus": [-1]}, "gpus"),
+        ({"nvml_devices": "all"}, "nvml_devices"),
+        ({"nvml_devices": [-1]}, "nvml_devices"),
         ({"cpu": "gpu"}, "cpu"),
         ({"country": "Atlantis"}, "country"),
         ({"carbon_intensity_g_per_kwh": -1}, "carbon_intensity_g_per_kwh"),
@@ -138,7 +139,7 @@ def test_bad_settings_name_the_setting(kwargs, name) -> None:
 
 
 def test_no_device_warns_and_still_trains(tmp_path: Path, caplog) -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="none", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(nvml_devices="none", cpu="none", dirpath=str(tmp_path))
     with caplog.at_level(logging.WARNING):
         fit(tmp_path, monitor)
     assert any("measures no device" in r.message for r in caplog.records)
@@ -153,7 +154,7 @@ def test_exception_in_training_still_writes_summary(tmp_path: Path) -> None:
                 raise RuntimeError("boom")
             return super().training_step(batch, batch_idx)
 
-    monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", dirpath=str(tmp_path))
     trainer = pl.Trainer(
         max_epochs=1, callbacks=[monitor], logger=False, enable_progress_bar=False,
         default_root_dir=tmp_path,
@@ -167,7 +168,7 @@ def test_exception_in_training_still_writes_summary(tmp_path: Path) -> None:
 
 
 def test_metric_history_for_energy_to_target(tmp_path: Path) -> None:
-    monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", dirpath=str(tmp_path))
     fit(tmp_path, monitor, max_epochs=3)
     history = read_summary(tmp_path / "energy_summary.json")["metric_history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -175,3 +176,17 @@ def test_metric_history_for_energy_to_target(tmp_path: Path) -> None:
     energies = [h["energy_j"] for h in history]
     assert energies == sorted(energies) and energies[0] > 0
     assert history[-1]["elapsed_s"] > history[0]["elapsed_s"]
+
+
+def test_old_argument_names_warn_and_still_work(tmp_path: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="nvml_devices"):
+        monitor = EnergyMonitor(gpus="none", cpu="estimate", output_dir=str(tmp_path / "old"))
+    assert monitor.nvml_devices == "none" and monitor.dirpath == str(tmp_path / "old")
+    fit(tmp_path, monitor)
+    assert (tmp_path / "old" / "energy_summary.json").exists()
+
+
+def test_default_dirpath_is_the_trainer_log_dir(tmp_path: Path) -> None:
+    monitor = EnergyMonitor(nvml_devices="none", cpu="estimate", report=False)
+    trainer = fit(tmp_path, monitor, logger=CSVLogger(tmp_path))
+    assert (Path(trainer.log_dir) / "energy_summary.json").exists()

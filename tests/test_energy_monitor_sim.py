@@ -43,7 +43,7 @@ def test_simulated_gpu_counter_total_matches_ground_truth(tmp_path: Path, simula
     sim = simulated_nvml(1, counter_period_s=0.02)
     # report=False: building the report happens inside on_fit_end, after the monitor's fit
     # interval closes and before Truth's, and would add idle energy to the ground truth only
-    monitor = EnergyMonitor(cpu="none", output_dir=str(tmp_path), report=False)
+    monitor = EnergyMonitor(cpu="none", dirpath=str(tmp_path), report=False)
     truth = run(tmp_path, sim, monitor, busy_s=0.02, n=960)
     summary = read_summary(tmp_path / "energy_summary.json")
     assert summary["provenance"] == "counter (simulated)"
@@ -58,7 +58,7 @@ def test_simulated_gpu_counter_total_matches_ground_truth(tmp_path: Path, simula
 
 def test_pre_volta_gpu_is_integrated_and_cpu_estimate_added(tmp_path: Path, simulated_nvml) -> None:
     sim = simulated_nvml([SimulatedDeviceSpec(architecture="pascal")], counter_period_s=0.02)
-    monitor = EnergyMonitor(cpu="estimate", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(cpu="estimate", dirpath=str(tmp_path))
     run(tmp_path, sim, monitor, n=128)
     summary = read_summary(tmp_path / "energy_summary.json")
     assert summary["provenance"] == "estimated+integrated (simulated)"
@@ -74,7 +74,7 @@ def test_gpu_lost_mid_run_training_continues(tmp_path: Path, simulated_nvml, cap
             if batch_idx == 4:
                 sim.set_fault(0, "gpu_lost")
 
-    monitor = EnergyMonitor(cpu="estimate", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(cpu="estimate", dirpath=str(tmp_path))
     with caplog.at_level(logging.WARNING):
         trainer = pl.Trainer(
             max_epochs=1, callbacks=[monitor, LoseGpu()], logger=False, enable_progress_bar=False,
@@ -91,7 +91,7 @@ def test_gpu_lost_mid_run_training_continues(tmp_path: Path, simulated_nvml, cap
 
 def test_no_nvml_means_cpu_only_and_says_so(tmp_path: Path, monkeypatch) -> None:
     # no simulator installed in this test: gpus="auto" on CPU measures no GPU
-    monitor = EnergyMonitor(gpus="auto", cpu="estimate", output_dir=str(tmp_path))
+    monitor = EnergyMonitor(nvml_devices="auto", cpu="estimate", dirpath=str(tmp_path))
     trainer = pl.Trainer(
         max_steps=3, callbacks=[monitor], logger=False, enable_progress_bar=False,
         enable_checkpointing=False, default_root_dir=tmp_path,
