@@ -27,6 +27,11 @@ from lightning_sustain.energy.errors import (
     PowerLimitError,
     PowerLimitPermissionError,
 )
+from lightning_sustain.energy.native import (
+    NativeCounterPoller,
+    NativePollerUnavailable,
+    native_poller_enabled,
+)
 from lightning_sustain.energy.types import DeviceInfo, EnergyReading, Provenance
 
 logger = logging.getLogger(__name__)
@@ -211,6 +216,11 @@ class NvmlGpu(EnergyDevice):
         nvml_index: the NVML device index (not the CUDA ordinal; see
             :func:`resolve_visible_gpus`).
         prefer_counter: use the total-energy counter when the device has one.
+        native_poller: poll the counter from a native thread
+            (:mod:`lightning_sustain.energy.native`), so update times stay accurate while
+            the training thread holds the GIL; ``None``: on unless
+            ``LIGHTNING_SUSTAIN_NATIVE_POLLER=0``. Falls back to Python polling, with a
+            warning, where the helper cannot be built (no C compiler).
 
     Raises:
         DeviceUnavailableError: NVML is missing or the index does not exist.
@@ -223,7 +233,9 @@ class NvmlGpu(EnergyDevice):
     #: polling saved ~7 us of CPU per 2.5 ms step but tripled the run-total error).
     preferred_interval_s = 0.01
 
-    def __init__(self, nvml_index: int, prefer_counter: bool = True) -> None:
+    def __init__(
+        self, nvml_index: int, prefer_counter: bool = True, native_poller: bool | None = None
+    ) -> None:
         self._pynvml = nvml_init()
         self._closed = False
         pynvml = self._pynvml
@@ -268,6 +280,20 @@ class NvmlGpu(EnergyDevice):
         self._last_change_s = 0.0
         self._origin_set = False
         self._update_periods: collections.deque[float] = collections.deque(maxlen=9)
+        self._poller: NativeCounterPoller | None = None
+        if native_poller is None:
+            native_poller = native_poller_enabled()
+        if native_poller and self._mode == "counter":
+            try:
+                self._poller = NativeCounterPoller(pynvml, self._handle)
+            except NativePollerUnavailable as exc:
+                logger.info("NVML device %d: no native counter poller (%s)", nvml_index, exc)
+            except Exception as exc:  # noqa: BLE001 - measurement falls back, never fails
+                logger.warning("NVML device %d: native poller failed to start (%s); "
+                               "polling from Python", nvml_index, exc)  # fmt: skip
+        if self._poller is not None:
+            # Python only drains the native thread's records: no need to wake often
+            self.preferred_interval_s = 0.02
         logger.debug("NVML device %d (%s) measured by %s", nvml_index, name, self._mode)
 
     # -- set-up -----------------------------------------------------------------------
@@ -317,6 +343,16 @@ class NvmlGpu(EnergyDevice):
 
     # -- reading ----------------------------------------------------------------------
     @property
+    def native(self) -> bool:
+        """True when a native thread polls the counter (:mod:`lightning_sustain.energy.native`)."""
+        return self._poller is not None
+
+    @property
+    def native_cpu_s(self) -> float:
+        """CPU seconds used by the native poller thread so far (0 without one)."""
+        return self._poller.cpu_s if self._poller is not None else 0.0
+
+    @property
     def mode(self) -> str:
         """How energy is obtained: ``counter``, ``field`` (instant power) or ``power``."""
         return self._mode
@@ -354,6 +390,17 @@ class NvmlGpu(EnergyDevice):
         Raises:
             EnergyMeasurementError: if the device cannot be read (GPU lost, NVML error).
         """
+        readings = self.read_many()
+        return readings[-1] if readings else None
+
+    def read_many(self) -> list[EnergyReading]:
+        """Every new reading since the last call (several when a native poller runs).
+
+        Raises:
+            EnergyMeasurementError: if the device cannot be read (GPU lost, NVML error).
+        """
+        if self._poller is not None:
+            return self._drain_native()
         pynvml = self._pynvml
         now = time.monotonic()
         try:
@@ -364,8 +411,25 @@ class NvmlGpu(EnergyDevice):
         except pynvml.NVMLError as exc:
             raise self._map_error(exc, "read energy") from exc
         if self._mode == "counter":
-            return self._counter_reading(now, raw_mj)
-        return self._integrate(now, power_w)
+            reading = self._counter_reading(now, raw_mj)
+            return [reading] if reading is not None else []
+        return [self._integrate(now, power_w)]
+
+    def _drain_native(self) -> list[EnergyReading]:
+        assert self._poller is not None
+        readings = []
+        for record in self._poller.drain():
+            if record.t_prev_s is not None:
+                self._last_poll_s = record.t_prev_s  # the poll before this change
+            reading = self._counter_reading(record.t_s, record.energy_mj)
+            if reading is not None:
+                readings.append(reading)
+        error = self._poller.error
+        if error:
+            pynvml = self._pynvml
+            self._poller.stop()
+            raise self._map_error(pynvml.NVMLError(error), "read energy")
+        return readings
 
     def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
@@ -409,7 +473,7 @@ class NvmlGpu(EnergyDevice):
         polls every ``interval_s`` until it comes, so each update is still timestamped
         within ``interval_s / 2`` while the sampler wakes about three times less often.
         """
-        if self._mode != "counter" or len(self._update_periods) < 3:
+        if self._poller is not None or self._mode != "counter" or len(self._update_periods) < 3:
             return now_s + interval_s
         period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
         if period_s < 4 * interval_s:
@@ -477,6 +541,8 @@ class NvmlGpu(EnergyDevice):
         """Release this device's NVML reference."""
         if not self._closed:
             self._closed = True
+            if self._poller is not None:
+                self._poller.stop()  # joins the thread before NVML may go away
             nvml_shutdown()
 
 

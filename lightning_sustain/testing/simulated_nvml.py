@@ -926,8 +926,10 @@ class SimulatedNVML:
 
     @property
     def counter_origin_s(self) -> float:
-        """``time.monotonic()`` of counter update 0: updates happen at this time plus
-        whole multiples of :attr:`counter_period_s` (ground truth for timestamp checks)."""
+        """``time.monotonic()`` of counter update 0 (ground truth for timestamp checks).
+
+        The counter updates at this time plus whole multiples of :attr:`counter_period_s`.
+        """
         lib, handle = self._live()
         return float(lib.lsim_t0(handle))
 
