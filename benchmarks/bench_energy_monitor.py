@@ -482,7 +482,7 @@ def main() -> None:
                                  "timestamps", "all"])  # fmt: skip
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per profile")
     parser.add_argument("--python-sampler", action="store_true",
-                        help="profiles: poll the counter from Python (no native poller)")  # fmt: skip
+                        help="profiles: poll from Python (no native poller)")  # fmt: skip
     args = parser.parse_args()
     if args.python_sampler:
         os.environ["LIGHTNING_SUSTAIN_NATIVE_POLLER"] = "0"
