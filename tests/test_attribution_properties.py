@@ -66,11 +66,17 @@ profiles = st.one_of(
         st.floats(250.0, 700.0),
         st.floats(0.2, 0.8),
     ),
-    st.builds(PowerProfile.sawtooth, st.floats(0.05, 3.0), st.floats(0.0, 200.0),
-              st.floats(250.0, 700.0)),  # fmt: skip
+    st.builds(
+        PowerProfile.sawtooth, st.floats(0.05, 3.0), st.floats(0.0, 200.0), st.floats(250.0, 700.0)
+    ),  # fmt: skip
     st.builds(PowerProfile.random_steps, st.integers(0, 10_000), st.floats(0.05, 1.0)),
-    st.builds(PowerProfile.noise, st.integers(0, 10_000), st.floats(100.0, 400.0),
-              st.floats(5.0, 100.0), st.floats(0.002, 0.05)),  # fmt: skip
+    st.builds(
+        PowerProfile.noise,
+        st.integers(0, 10_000),
+        st.floats(100.0, 400.0),
+        st.floats(5.0, 100.0),
+        st.floats(0.002, 0.05),
+    ),  # fmt: skip
 )
 
 
