@@ -475,11 +475,48 @@ def bench_timestamps(seconds: float = 5.0, rounds: int = 2) -> dict:
     }
 
 
+def bench_windows(seconds: float = 6.0, window_s: float = 1.0) -> list[dict]:
+    """Error of 1 s windows per provenance (counter native / Python, integrated), busy GIL."""
+    from lightning_sustain.energy.meter import EnergyMeter
+    from lightning_sustain.energy.nvml import NvmlGpu
+    from lightning_sustain.testing import PowerProfile, SimulatedDeviceSpec
+
+    rows = []
+    for arch, native, label in (("hopper", True, "counter, native poller"),
+                                ("hopper", False, "counter, Python sampler"),
+                                ("pascal", False, "integrated (pre-Volta power)")):  # fmt: skip
+        sim = SimulatedNVML([SimulatedDeviceSpec(architecture=arch)], counter_period_s=0.1)
+        sim.install()
+        try:
+            for profile in (PowerProfile.constant(300.0), PowerProfile.square(1.0)):
+                sim.set_power_profile(0, profile, origin_s=time.monotonic() - 0.31)
+                gpu = NvmlGpu(0, native_poller=native)
+                with EnergyMeter([gpu]) as meter:
+                    t0 = time.monotonic()
+                    _busy_until(t0 + seconds)
+                    meter.wait_until_covered(time.monotonic(), timeout_s=1.0)
+                    starts = t0 + np.arange(0.0, seconds - window_s, 0.25)
+                    errs = []
+                    for a in starts:
+                        got = meter.energy_between(a, a + window_s)[gpu.info.device_id]
+                        true = sim.profile_energy_j(0, a, a + window_s)
+                        errs.append(abs(got - true) / true * 100)
+                    provenance = gpu.info.provenance_label
+                rows.append({
+                    "source": label, "provenance": provenance, "profile": profile.name,
+                    "window_s": window_s, "median_error_pct": round(float(np.median(errs)), 3),
+                    "max_error_pct": round(max(errs), 3), "windows": len(errs),
+                })  # fmt: skip
+        finally:
+            sim.uninstall()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", nargs="?", default="all",
                         choices=["overhead", "cost", "accuracy", "memory", "profiles",
-                                 "timestamps", "all"])  # fmt: skip
+                                 "timestamps", "windows", "all"])  # fmt: skip
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per profile")
     parser.add_argument("--python-sampler", action="store_true",
                         help="profiles: poll from Python (no native poller)")  # fmt: skip
@@ -504,6 +541,8 @@ def main() -> None:
     if args.what in ("timestamps", "all"):
         print("timestamps (busy pure-Python main thread):",
               json.dumps(bench_timestamps(), indent=1))  # fmt: skip
+    if args.what in ("windows", "all"):
+        print("windows (busy pure-Python main thread):", json.dumps(bench_windows(), indent=1))
     print(f"load average after: {os.getloadavg()}")
     _ = resource
 
