@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: Symbol exported by the simulated NVML library; its presence marks readings as simulated.
 SIMULATED_MARKER_SYMBOL = "lsim_simulated_marker"
 
+#: A counter change seen by two native polls at most this far apart is stamped sharply.
+PRECISE_BRACKET_S = 0.003
+
 _session_lock = threading.Lock()
 _session_refcount = 0
 
@@ -281,6 +284,8 @@ class NvmlGpu(EnergyDevice):
         self._origin_set = False
         self._update_periods: collections.deque[float] = collections.deque(maxlen=9)
         self._poller: NativeCounterPoller | None = None
+        self._precise_periods: collections.deque[float] = collections.deque(maxlen=15)
+        self._last_precise_s: float | None = None
         if native_poller is None:
             native_poller = native_poller_enabled()
         if native_poller and self._mode == "counter":
@@ -431,6 +436,34 @@ class NvmlGpu(EnergyDevice):
             raise self._map_error(pynvml.NVMLError(error), "read energy")
         return readings
 
+    def _stamp(self, previous_poll: float, now: float) -> float:
+        """When the counter updated, given the polls before and after the change.
+
+        The midpoint of the two polls, unless the bracket is wide (the native thread was
+        descheduled on a loaded machine) and the counter's period is known: then the
+        update is placed a whole number of periods after the last sharply stamped one,
+        kept inside the bracket (the update certainly happened between the two polls).
+        """
+        mid = 0.5 * (previous_poll + now)
+        if self._poller is None:
+            return mid
+        if now - previous_poll <= PRECISE_BRACKET_S:
+            if self._last_precise_s is not None:
+                gap = mid - self._last_precise_s
+                periods = sorted(self._precise_periods)
+                # a gap of several periods (an update stamped loosely in between) still
+                # tells the period: divide by the whole number of periods it spans
+                n = round(gap / periods[len(periods) // 2]) if len(periods) >= 3 else 1
+                if n >= 1:
+                    self._precise_periods.append(gap / n)
+            self._last_precise_s = mid
+            return mid
+        if self._last_precise_s is None or len(self._precise_periods) < 3:
+            return mid
+        period = sorted(self._precise_periods)[len(self._precise_periods) // 2]
+        n = max(1, round((mid - self._last_precise_s) / period))
+        return min(max(self._last_precise_s + n * period, previous_poll), now)
+
     def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
         self._last_raw_mj, self._last_poll_s = raw_mj, now
@@ -457,7 +490,7 @@ class NvmlGpu(EnergyDevice):
                 self._backwards_warned = True
             return None
         delta_j = (raw_mj - previous_mj) / 1000.0
-        timestamp = (previous_poll + now) / 2.0
+        timestamp = self._stamp(previous_poll, now)
         interval = timestamp - self._last_change_s
         self._update_periods.append(interval)
         self._energy_j += delta_j
