@@ -490,6 +490,7 @@ def bench_windows(seconds: float = 6.0, window_s: float = 1.0) -> list[dict]:
         try:
             for profile in (PowerProfile.constant(300.0), PowerProfile.square(1.0)):
                 sim.set_power_profile(0, profile, origin_s=time.monotonic() - 0.31)
+                time.sleep(0.25)  # power readings hold the last tick's power: let one pass
                 gpu = NvmlGpu(0, native_poller=native)
                 with EnergyMeter([gpu]) as meter:
                     t0 = time.monotonic()

@@ -310,7 +310,18 @@ class EnergyMeter:
     """A view onto the sampled energy curves of some devices.
 
     Devices are sampled on a background thread from construction until :meth:`close`
-    (or garbage collection). Meters over the same device share one curve.
+    (or garbage collection). Meters over the same device share one curve. Construction
+    waits (at most :data:`FIRST_POINT_TIMEOUT_S`) until every device's curve has its first
+    point, so every window that starts after construction is measured in full; energy
+    before a curve's first point (:meth:`curve_start_s`) is not measured.
+
+    Accuracy (docs/energy.md, measured on the simulated device with a busy pure-Python
+    training thread): ``counter`` curves are exact at each update up to 1 mJ, and 1 s
+    windows were within 0.14 % of ground truth with NVML's native poller (update
+    timestamps p90 <= 2.1 ms), within 3.4-4.6 % with the Python sampler (p90 38-43 ms);
+    ``integrated`` curves (power refreshed every ~100 ms, sample-and-hold, trapezoid rule)
+    are exact under constant power and were off by up to ~11 % on 1 s windows of a 1 s
+    square wave.
 
     Args:
         devices: the devices to measure. A device already sampled in this process is
