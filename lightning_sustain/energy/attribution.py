@@ -15,9 +15,11 @@ counter points are exactly the counter's and no energy crosses an update. Method
 - ``plain``: constant power in the interval (linear interpolation).
 - ``linear``: power varies linearly, the slope estimated from the neighbouring intervals'
   mean powers with a monotonised-central limiter (exact on ramps; flat at extrema).
-- ``edge``: one step change of power inside the interval, from the previous interval's
-  mean power to the next one's, placed so the interval's energy is exact (exact for a
-  square wave or random steps whose edges are further apart than one update).
+- ``edge``: where an interval holds an isolated step of power (its mean lies between its
+  neighbours' and power is flat on each side), one step change from the previous
+  interval's power to the next one's, placed so the interval's energy is exact (exact for
+  a square wave or random steps whose edges are further apart than two updates);
+  ``linear`` in every other interval.
 - ``affine``: each step costs ``a + b x duration`` (fixed work per step plus power ``b``),
   ``a`` and ``b`` fitted to the counter intervals that steps tile
   (:class:`StepAttribution`); the interval's energy is shared by that density.
@@ -26,7 +28,7 @@ No method is used blindly: :func:`choose_method` holds out every other counter p
 the recent curve, reconstructs the curve from the remaining points with each method, and
 scores how well each predicts the held-out points. A method other than ``plain`` is used
 only when it predicts them clearly better (total absolute error below
-``margin x`` that of plain). So where power is constant, or changes faster than the
+``margin`` x that of plain, 0.9 by default). So where power is constant, or changes faster than the
 counter can resolve (noise, a square wave shorter than the update period), the answer is
 plain interpolation.
 
@@ -177,16 +179,24 @@ def _linear_slopes(t: np.ndarray, power: np.ndarray) -> np.ndarray:
     return sigma
 
 
-def _edge_fractions(power: np.ndarray) -> np.ndarray:
-    """Fraction of each interval at the previous interval's power (NaN: no edge)."""
+def _edge_fractions(power: np.ndarray, flat: float = 0.25) -> np.ndarray:
+    """Fraction of each interval at the previous interval's power (NaN: no edge).
+
+    An interval holds an edge when its mean power lies strictly between its neighbours'
+    and power is flat on each side (the outer neighbours differ from the inner ones by at
+    most ``flat`` x the jump): an isolated step, as in a square wave, not a ramp.
+    """
     theta = np.full(power.size, np.nan)
-    if power.size < 3:
+    if power.size < 5:
         return theta
-    left, mid, right = power[:-2], power[1:-1], power[2:]
+    far_left, left, mid = power[:-4], power[1:-3], power[2:-2]
+    right, far_right = power[3:-1], power[4:]
+    jump = np.abs(left - right)
     between = ((left < mid) & (mid < right)) | ((left > mid) & (mid > right))
-    span = left - right
-    frac = np.divide(mid - right, span, out=np.full_like(mid, np.nan), where=between)
-    theta[1:-1] = np.where(between, frac, np.nan)
+    isolated = (np.abs(far_left - left) <= flat * jump) & (np.abs(far_right - right) <= flat * jump)
+    edge = between & isolated
+    frac = np.divide(mid - right, left - right, out=np.full_like(mid, np.nan), where=edge)
+    theta[2:-2] = np.where(edge, frac, np.nan)
     return theta
 
 
@@ -255,7 +265,8 @@ def reconstruct(
         theta = _edge_fractions(power)
         th = theta[k]
         has = ~np.isnan(th)
-        phi = x.copy()
+        sigma = _linear_slopes(t, power)[k]  # linear where the interval holds no edge
+        phi = x + 0.5 * sigma * (x * x - x)
         if has.any():
             kk = k[has]
             left = np.where(kk > 0, power[np.maximum(kk - 1, 0)], 0.0)
@@ -317,7 +328,7 @@ def choose_method(
     energies_j: Sequence[float] | np.ndarray,
     steps: tuple[np.ndarray, np.ndarray] | None = None,
     affine: tuple[float, float] | None = None,
-    margin: float = 0.8,
+    margin: float = 0.9,
     min_points: int = 8,
 ) -> Choice:
     """Pick the reconstruction that best predicts held-out counter points.
@@ -351,7 +362,7 @@ def attribute_steps(
     ends_s: Sequence[float] | np.ndarray,
     method: str = "auto",
     affine: tuple[float, float] | None = None,
-    margin: float = 0.8,
+    margin: float = 0.9,
     context_steps: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, Choice]:
     """Energy of each step from a counter curve, within update intervals.
