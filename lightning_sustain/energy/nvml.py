@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.errors import (
     DeviceUnavailableError,
@@ -38,9 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Symbol exported by the simulated NVML library; its presence marks readings as simulated.
 SIMULATED_MARKER_SYMBOL = "lsim_simulated_marker"
-
-#: A counter change seen by two native polls at most this far apart is stamped sharply.
-PRECISE_BRACKET_S = 0.003
 
 _session_lock = threading.Lock()
 _session_refcount = 0
@@ -284,8 +283,7 @@ class NvmlGpu(EnergyDevice):
         self._origin_set = False
         self._update_periods: collections.deque[float] = collections.deque(maxlen=9)
         self._poller: NativeCounterPoller | None = None
-        self._precise_periods: collections.deque[float] = collections.deque(maxlen=15)
-        self._last_precise_s: float | None = None
+        self._brackets: collections.deque[tuple[float, float]] = collections.deque(maxlen=30)
         if native_poller is None:
             native_poller = native_poller_enabled()
         if native_poller and self._mode == "counter":
@@ -439,30 +437,36 @@ class NvmlGpu(EnergyDevice):
     def _stamp(self, previous_poll: float, now: float) -> float:
         """When the counter updated, given the polls before and after the change.
 
-        The midpoint of the two polls, unless the bracket is wide (the native thread was
-        descheduled on a loaded machine) and the counter's period is known: then the
-        update is placed a whole number of periods after the last sharply stamped one,
-        kept inside the bracket (the update certainly happened between the two polls).
+        Python polling: the midpoint of the two polls. Native polling: the counter updates
+        on a regular clock, so a grid ``t0 + n * period`` is fitted by weighted least
+        squares to the last brackets' midpoints (weight 1 / width^2: sharp brackets count
+        most) and the update is placed on the grid, clipped into its own bracket (the
+        update certainly happened between the two polls). Where the grid does not fit
+        (a bracket misses it by more than 1 ms: no regular clock) or is not known yet,
+        the midpoint is used.
         """
         mid = 0.5 * (previous_poll + now)
         if self._poller is None:
             return mid
-        if now - previous_poll <= PRECISE_BRACKET_S:
-            if self._last_precise_s is not None:
-                gap = mid - self._last_precise_s
-                periods = sorted(self._precise_periods)
-                # a gap of several periods (an update stamped loosely in between) still
-                # tells the period: divide by the whole number of periods it spans
-                n = round(gap / periods[len(periods) // 2]) if len(periods) >= 3 else 1
-                if n >= 1:
-                    self._precise_periods.append(gap / n)
-            self._last_precise_s = mid
+        self._brackets.append((previous_poll, now))
+        if len(self._brackets) < 6:
             return mid
-        if self._last_precise_s is None or len(self._precise_periods) < 3:
+        lo = np.array([b[0] for b in self._brackets])
+        hi = np.array([b[1] for b in self._brackets])
+        mids, widths = 0.5 * (lo + hi), np.maximum(hi - lo, 2e-4)
+        gaps = np.diff(mids)
+        period0 = float(np.median(gaps))
+        if period0 <= 0:
             return mid
-        period = sorted(self._precise_periods)[len(self._precise_periods) // 2]
-        n = max(1, round((mid - self._last_precise_s) / period))
-        return min(max(self._last_precise_s + n * period, previous_poll), now)
+        n = np.concatenate(([0.0], np.cumsum(np.maximum(np.round(gaps / period0), 1.0))))
+        w = 1.0 / widths**2
+        design = np.column_stack((np.ones_like(n), n)) * np.sqrt(w)[:, None]
+        (t0, period), *_ = np.linalg.lstsq(design, mids * np.sqrt(w), rcond=None)
+        grid = t0 + n * period
+        miss = np.maximum(lo - grid, grid - hi)
+        if float(miss.max()) > 1e-3:
+            return mid
+        return float(min(max(grid[-1], previous_poll), now))
 
     def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
