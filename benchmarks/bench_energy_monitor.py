@@ -364,6 +364,7 @@ def bench_profiles(seconds: float = 8.0, step_s: float = 0.02, seed: int = 0) ->
         for profile in benchmark_profiles(seed):
             origin = time.monotonic() - float(rng.uniform(0, profile.period_s))  # random phase
             sim.set_power_profile(0, profile, origin_s=origin)
+            time.sleep(0.25)  # the curve starts after the switch: it measures this profile only
             gpu = NvmlGpu(0)
             meter = EnergyMeter([gpu])
             ours = EnergyAccountant(meter)
