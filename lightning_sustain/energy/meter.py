@@ -316,12 +316,12 @@ class EnergyMeter:
     before a curve's first point (:meth:`curve_start_s`) is not measured.
 
     Accuracy (docs/energy.md, measured on the simulated device with a busy pure-Python
-    training thread): ``counter`` curves are exact at each update up to 1 mJ, and 1 s
-    windows were within 0.14 % of ground truth with NVML's native poller (update
-    timestamps p90 <= 2.1 ms), within 3.4-4.6 % with the Python sampler (p90 38-43 ms);
-    ``integrated`` curves (power refreshed every ~100 ms, sample-and-hold, trapezoid rule)
-    are exact under constant power and were off by up to ~11 % on 1 s windows of a 1 s
-    square wave.
+    training thread, 2-core VM at load average ~16): ``counter`` curves are exact at each
+    update up to 1 mJ; 1 s windows were within 0.41 % of ground truth (median 0.006-0.022 %)
+    with NVML's native poller (update timestamps p90 0.25-0.36 ms), within 6 % (median
+    0.6-1.6 %) with the Python sampler (p90 39 ms); ``integrated`` curves (power refreshed
+    every ~100 ms, sample-and-hold, trapezoid rule) were exact under constant power and
+    within 2.5 % (median 1.1 %) on 1 s windows of a 1 s square wave.
 
     Args:
         devices: the devices to measure. A device already sampled in this process is
