@@ -130,3 +130,26 @@ def test_meter_curve_points_sit_at_counter_updates(simulated_nvml) -> None:
     ticks = origin + np.round((times - origin) / period) * period
     # midpoint stamps of bracketing polls: never further than half a period from the tick
     assert np.all(np.abs(times - ticks) < period / 2)
+
+
+def test_a_forked_child_neither_joins_nor_reads_the_parents_thread(simulated_nvml) -> None:
+    import os
+
+    simulated_nvml(1, counter_period_s=0.05)
+    gpu = NvmlGpu(0)
+    assert gpu.native
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: the native thread does not exist here
+            try:
+                ok = gpu._poller.drain() == []
+                gpu._poller.stop()  # must return at once, not join a missing thread
+                os._exit(0 if ok else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.12)
+        assert gpu.read_many()  # the parent's thread still runs
+    finally:
+        gpu.close()

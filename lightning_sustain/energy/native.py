@@ -194,6 +194,7 @@ class NativeCounterPoller:
             raise NativePollerUnavailable(
                 f"the native poller could not start on {name!r} (library mismatch or no thread)"
             )
+        self._pid = os.getpid()  # the thread exists in this process only (not after fork)
         self._n = 256
         self._t_prev = (ctypes.c_double * self._n)()
         self._t = (ctypes.c_double * self._n)()
@@ -201,7 +202,7 @@ class NativeCounterPoller:
 
     def drain(self) -> list[CounterRecord]:
         """Every record since the last call, oldest first."""
-        if not self._handle:
+        if not self._handle or os.getpid() != self._pid:
             return []
         out: list[CounterRecord] = []
         while True:
@@ -231,7 +232,8 @@ class NativeCounterPoller:
         """Stop and join the thread (idempotent)."""
         if self._handle:
             handle, self._handle = self._handle, None
-            self._lib.lsp_stop(handle)
+            if os.getpid() == self._pid:  # a forked child must not join its parent's thread
+                self._lib.lsp_stop(handle)
 
     def __del__(self) -> None:
         try:
