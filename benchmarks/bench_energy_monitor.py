@@ -1,6 +1,13 @@
-"""EnergyMonitor benchmarks (issue 2): overhead, accuracy, memory.
+"""EnergyMonitor benchmarks (issues 2 and 10): overhead, accuracy, memory, profiles, timestamps.
 
-Run:  .venv/bin/python benchmarks/bench_energy_monitor.py [overhead|accuracy|memory|all]
+Run:  .venv/bin/python benchmarks/bench_energy_monitor.py
+      [overhead|cost|accuracy|memory|profiles|timestamps|all]
+
+``profiles``: per-step accuracy under power that varies over wall time independently of
+the training loop (simulated device profiles), ours vs plain interpolation vs the former
+log-interval model, 100 ms counter, 20 ms steps, pure-Python busy training thread.
+``timestamps``: counter-update timestamp error and sampler CPU per second, native poller
+vs the Python sampler, with a pure-Python busy training thread.
 
 Everything runs on CPU against the simulated NVML device (1 GPU, counter updating every
 100 ms), so every energy figure printed here is SIMULATED. A and B are interleaved and
@@ -24,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -313,11 +321,220 @@ def bench_memory(long_steps: int = 100_000, short_steps: int = 1_000) -> dict:
     }
 
 
+def _busy_until(t_end: float) -> None:
+    """Pure Python work (the GIL is held) until ``t_end``."""
+    x = 0
+    while time.monotonic() < t_end:
+        for i in range(200):
+            x += i * i
+
+
+def _old_split(ready, per_step_plain, stream, models) -> list[float]:
+    """The former attribution: an ``a + b x duration`` model shared over the whole batch."""
+    from lightning_sustain.energy.attribution import StepAttribution
+
+    bounds = [(r[2], r[3]) for r in ready]
+    durations = [b - a for a, b in bounds]
+    times, energies = stream.points_between(bounds[0][0], bounds[-1][1])
+    if len(times) < 3:
+        return per_step_plain
+    update_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+    if statistics.median(durations) >= 2 * update_s:
+        return per_step_plain
+    model = models.setdefault("m", StepAttribution())
+    model.update(bounds, times, energies)
+    return model.split(sum(per_step_plain), durations)
+
+
+def _pct(values, q: float) -> float:
+    return float(np.percentile(values, q)) * 100
+
+
+def bench_profiles(seconds: float = 8.0, step_s: float = 0.02, seed: int = 0) -> list[dict]:
+    """Per-step error per power profile: ours, plain interpolation and the former model."""
+    from lightning_sustain.energy.accounting import EnergyAccountant
+    from lightning_sustain.energy.meter import EnergyMeter
+    from lightning_sustain.energy.nvml import NvmlGpu
+    from lightning_sustain.testing import benchmark_profiles
+
+    rng = np.random.default_rng(seed)
+    sim = SimulatedNVML(1, counter_period_s=0.1).install()
+    rows = []
+    try:
+        for profile in benchmark_profiles(seed):
+            origin = time.monotonic() - float(rng.uniform(0, profile.period_s))  # random phase
+            sim.set_power_profile(0, profile, origin_s=origin)
+            time.sleep(0.25)  # the curve starts after the switch: it measures this profile only
+            gpu = NvmlGpu(0)
+            meter = EnergyMeter([gpu])
+            ours = EnergyAccountant(meter)
+            plain = EnergyAccountant(meter, attribute_short_steps=False)
+            got: dict[str, list] = {"ours": [], "plain": [], "former": []}
+            models: dict = {}
+            t = time.monotonic() + 0.3
+            _busy_until(t)
+            n_steps = int(seconds / step_s)
+            step_times = []
+            for k in range(n_steps):
+                end = t + step_s * float(rng.uniform(0.9, 1.1))
+                _busy_until(end)
+                for acc in (ours, plain):
+                    acc.record_step(k, 0, t, end, 1)
+                step_times.append((t, end))
+                t = end
+                if (k + 1) % 50 == 0:  # a log interval: the monitor resolves here
+                    got["ours"] += ours.resolve()
+                    resolved = plain.resolve()
+                    got["plain"] += resolved
+                    if resolved:
+                        vals = [s.energy_j for s in resolved]
+                        ready = [(s.step, 0, s.start_s, s.end_s, 1) for s in resolved]
+                        got["former"] += _old_split(ready, vals, meter.streams[0], models)
+            got["ours"] += ours.resolve(wait=True)
+            resolved = plain.resolve(wait=True)
+            got["plain"] += resolved
+            if resolved:
+                vals = [s.energy_j for s in resolved]
+                ready = [(s.step, 0, s.start_s, s.end_s, 1) for s in resolved]
+                got["former"] += _old_split(ready, vals, meter.streams[0], models)
+            truth = np.array([sim.profile_energy_j(0, a, b) for a, b in step_times])
+            t0, t1 = step_times[0][0], step_times[-1][1]
+            true_total = sim.profile_energy_j(0, t0, t1)
+            meter_total = sum(meter.energy_between(t0, t1).values())
+            # the same over whole counter intervals (first update after t0 to last before t1):
+            # a window's ends inside an update interval carry up to one interval's error
+            pts = meter.streams[0].points_between(t0, t1, context=0)[0]
+            a_t, b_t = pts[0], pts[-1]
+            aligned_err = (
+                sum(meter.energy_between(a_t, b_t).values()) - sim.profile_energy_j(0, a_t, b_t)
+            ) / sim.profile_energy_j(0, a_t, b_t)
+            choice = ours.last_choice.get(gpu.info.device_id)
+            native = gpu.native
+            meter.close()
+            row = {"profile": profile.name, "native_poller": native,
+                   "method": choice.method if choice else "plain"}  # fmt: skip
+            for name in ("ours", "plain", "former"):
+                vals = got[name]
+                values = np.array([v.energy_j if hasattr(v, "energy_j") else v for v in vals])
+                err = np.abs(values - truth[: values.size]) / truth[: values.size]
+                row[f"{name}_median_pct"] = round(_pct(err, 50), 2)
+                row[f"{name}_p90_pct"] = round(_pct(err, 90), 2)
+                row[f"{name}_mae_j"] = round(
+                    float(np.mean(np.abs(values - truth[: values.size]))), 4
+                )
+            ours_sum = sum(s.energy_j for s in got["ours"])
+            row["steps_total_error_pct"] = round(100 * (ours_sum - true_total) / true_total, 4)
+            row["meter_total_error_pct"] = round(100 * (meter_total - true_total) / true_total, 4)
+            row["aligned_total_error_pct"] = round(100 * aligned_err, 4)
+            rows.append(row)
+    finally:
+        sim.uninstall()
+    return rows
+
+
+def print_profiles_table(rows: list[dict]) -> None:
+    print("| profile (SIMULATED, 100 ms counter, 20 ms steps) | ours median / p90 | plain "
+          "interpolation median / p90 | former model median / p90 | ours vs plain mean abs "
+          "error (J) | total error (steps / meter / whole updates) | chosen |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['profile']} | {r['ours_median_pct']} % / {r['ours_p90_pct']} % | "
+              f"{r['plain_median_pct']} % / {r['plain_p90_pct']} % | {r['former_median_pct']} % / "
+              f"{r['former_p90_pct']} % | {r['ours_mae_j']} / {r['plain_mae_j']} | "
+              f"{r['steps_total_error_pct']} % / {r['meter_total_error_pct']} % / "
+              f"{r['aligned_total_error_pct']} % | "
+              f"{r['method']}{'' if r['native_poller'] else ' (Python sampler)'} |")  # fmt: skip
+
+
+def bench_timestamps(seconds: float = 5.0, rounds: int = 2) -> dict:
+    """Counter-update timestamp error and sampler CPU/s with a busy pure-Python main thread."""
+    from lightning_sustain.energy.meter import EnergyMeter
+    from lightning_sustain.energy.nvml import NvmlGpu
+
+    sim = SimulatedNVML(1, counter_period_s=0.1).install()
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        for _ in range(rounds):
+            for variant in ("native", "python"):
+                gpu = NvmlGpu(0, native_poller=variant == "native")
+                meter = EnergyMeter([gpu])
+                cpu0, native0 = sampler_thread_cpu_s(), gpu.native_cpu_s
+                t0 = time.monotonic()
+                _busy_until(t0 + seconds)
+                elapsed = time.monotonic() - t0
+                cpu = sampler_thread_cpu_s() - cpu0 + gpu.native_cpu_s - native0
+                ts = np.array(meter.streams[0].points_between(t0, t0 + elapsed)[0])
+                meter.close()
+                origin, period = sim.counter_origin_s, sim.counter_period_s
+                err = np.abs(ts - (origin + np.round((ts - origin) / period) * period)) * 1e3
+                r = results.setdefault(variant, {"p50": [], "p90": [], "max": [], "cpu": []})
+                r["p50"].append(float(np.median(err)))
+                r["p90"].append(float(np.percentile(err, 90)))
+                r["max"].append(float(err.max()))
+                r["cpu"].append(cpu / elapsed * 1e3)
+    finally:
+        sim.uninstall()
+    return {
+        variant: {
+            "timestamp_error_ms_p50": [round(v, 2) for v in r["p50"]],
+            "timestamp_error_ms_p90": [round(v, 2) for v in r["p90"]],
+            "timestamp_error_ms_max": [round(v, 2) for v in r["max"]],
+            "sampler_cpu_ms_per_s": [round(v, 2) for v in r["cpu"]],
+        }
+        for variant, r in results.items()
+    }
+
+
+def bench_windows(seconds: float = 6.0, window_s: float = 1.0) -> list[dict]:
+    """Error of 1 s windows per provenance (counter native / Python, integrated), busy GIL."""
+    from lightning_sustain.energy.meter import EnergyMeter
+    from lightning_sustain.energy.nvml import NvmlGpu
+    from lightning_sustain.testing import PowerProfile, SimulatedDeviceSpec
+
+    rows = []
+    for arch, native, label in (("hopper", True, "counter, native poller"),
+                                ("hopper", False, "counter, Python sampler"),
+                                ("pascal", False, "integrated (pre-Volta power)")):  # fmt: skip
+        sim = SimulatedNVML([SimulatedDeviceSpec(architecture=arch)], counter_period_s=0.1)
+        sim.install()
+        try:
+            for profile in (PowerProfile.constant(300.0), PowerProfile.square(1.0)):
+                sim.set_power_profile(0, profile, origin_s=time.monotonic() - 0.31)
+                time.sleep(0.25)  # power readings hold the last tick's power: let one pass
+                gpu = NvmlGpu(0, native_poller=native)
+                with EnergyMeter([gpu]) as meter:
+                    t0 = time.monotonic()
+                    _busy_until(t0 + seconds)
+                    meter.wait_until_covered(time.monotonic(), timeout_s=1.0)
+                    starts = t0 + np.arange(0.0, seconds - window_s, 0.25)
+                    errs = []
+                    for a in starts:
+                        got = meter.energy_between(a, a + window_s)[gpu.info.device_id]
+                        true = sim.profile_energy_j(0, a, a + window_s)
+                        errs.append(abs(got - true) / true * 100)
+                    provenance = gpu.info.provenance_label
+                rows.append({
+                    "source": label, "provenance": provenance, "profile": profile.name,
+                    "window_s": window_s, "median_error_pct": round(float(np.median(errs)), 3),
+                    "max_error_pct": round(max(errs), 3), "windows": len(errs),
+                })  # fmt: skip
+        finally:
+            sim.uninstall()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["overhead", "cost", "accuracy", "memory", "all"])  # fmt: skip
+                        choices=["overhead", "cost", "accuracy", "memory", "profiles",
+                                 "timestamps", "windows", "all"])  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per profile")
+    parser.add_argument("--python-sampler", action="store_true",
+                        help="profiles: poll from Python (no native poller)")  # fmt: skip
     args = parser.parse_args()
+    if args.python_sampler:
+        os.environ["LIGHTNING_SUSTAIN_NATIVE_POLLER"] = "0"
+    print(f"load average before: {os.getloadavg()}")
     print(f"machine: {os.uname().nodename}, {os.cpu_count()} cores, torch {torch.__version__}")
     if args.what in ("overhead", "all"):
         print("overhead (A/B interleaved):", json.dumps(bench_overhead(), indent=1))
@@ -328,6 +545,16 @@ def main() -> None:
         print("accuracy (simulated device):", json.dumps(bench_accuracy(), indent=1))
     if args.what in ("memory", "all"):
         print("memory:", json.dumps(bench_memory(), indent=1))
+    if args.what in ("profiles", "all"):
+        rows = bench_profiles(seconds=args.seconds)
+        print("profiles (SIMULATED device):", json.dumps(rows, indent=1))
+        print_profiles_table(rows)
+    if args.what in ("timestamps", "all"):
+        print("timestamps (busy pure-Python main thread):",
+              json.dumps(bench_timestamps(), indent=1))  # fmt: skip
+    if args.what in ("windows", "all"):
+        print("windows (busy pure-Python main thread):", json.dumps(bench_windows(), indent=1))
+    print(f"load average after: {os.getloadavg()}")
     _ = resource
 
 

@@ -288,3 +288,65 @@ def test_accountant_waits_for_coverage_without_blocking_by_default() -> None:
         assert acct.resolve() == []  # not covered yet: stays pending
         assert acct.pending_steps == 1
         assert len(acct.resolve(wait=True)) == 1
+
+
+# -- a window from construction on (issue 10) ------------------------------------------------
+def test_meter_curve_starts_before_construction_returns(simulated_nvml) -> None:
+    """A window opened right after construction is measured in full, counter or Python."""
+    import numpy as np
+
+    from lightning_sustain.energy.nvml import NvmlGpu
+    from lightning_sustain.testing import PowerProfile
+
+    sim = simulated_nvml(1, counter_period_s=0.1)
+    sim.set_power_profile(0, PowerProfile.constant(200.0))
+    for native in (True, False):
+        gpu = NvmlGpu(0, native_poller=native)
+        with EnergyMeter([gpu]) as meter:
+            t0 = time.monotonic()
+            assert meter.curve_start_s() is not None and meter.curve_start_s() <= t0
+            time.sleep(0.5)
+            t1 = time.monotonic()
+            assert meter.wait_until_covered(t1, timeout_s=1.0)
+            ratio = meter.energy_between(t0, t1)[gpu.info.device_id] / (200.0 * (t1 - t0))
+        # before: 0.90-0.97 (everything before the first counter change was lost)
+        assert float(np.clip(ratio, 0, 2)) == pytest.approx(1.0, abs=0.05)
+
+
+def test_accountant_attributes_a_square_wave_within_update_intervals(simulated_nvml) -> None:
+    """Real pynvml, simulated square wave: ours never worse than plain interpolation."""
+    import numpy as np
+
+    from lightning_sustain.energy.nvml import NvmlGpu
+    from lightning_sustain.testing import PowerProfile
+
+    sim = simulated_nvml(1, counter_period_s=0.1)
+    sim.set_power_profile(0, PowerProfile.square(0.8), origin_s=time.monotonic() - 0.37)
+    gpu = NvmlGpu(0)
+    with EnergyMeter([gpu]) as meter:
+        got_ours: list = []
+        got_plain: list = []
+        ours = EnergyAccountant(meter, on_steps=got_ours.extend)
+        plain = EnergyAccountant(meter, on_steps=got_plain.extend, attribute_short_steps=False)
+        t = time.monotonic()
+        bounds = []
+        for k in range(150):
+            time.sleep(0.02)
+            end = time.monotonic()
+            for acct in (ours, plain):
+                acct.record_step(k, 0, t, end, 1)
+            bounds.append((t, end))
+            t = end
+            if k % 50 == 49:
+                ours.resolve()
+                plain.resolve()
+        ours.resolve(wait=True)
+        plain.resolve(wait=True)
+        choice = ours.last_choice[gpu.info.device_id]
+    assert [s.step for s in got_ours] == list(range(150))
+    truth = np.array([sim.profile_energy_j(0, a, b) for a, b in bounds])
+    err_ours = np.abs(np.array([s.energy_j for s in got_ours]) - truth).sum()
+    err_plain = np.abs(np.array([s.energy_j for s in got_plain]) - truth).sum()
+    assert err_ours <= 1.05 * err_plain, choice
+    assert sum(s.energy_j for s in got_ours) == pytest.approx(truth.sum(), rel=0.01)
+    assert ours.totals["train"].steps == 150

@@ -11,14 +11,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pynvml
 import pytest
 
 import lightning_sustain
 from lightning_sustain.testing import (
+    PowerProfile,
     SimulatedDeviceSpec,
     SimulatedNVML,
     SimulatedNVMLError,
+    benchmark_profiles,
     build_library,
 )
 from lightning_sustain.testing.simulated_nvml import STATE_ENV_VAR
@@ -518,3 +521,92 @@ def test_controller_validation(sim):
     with pytest.raises(SimulatedNVMLError, match="not installed"):
         SimulatedNVML(1).power_w(0)
     assert "SimulatedNVML(devices=2" in repr(sim)
+
+
+# ---- power profiles over wall time ---------------------------------------------------------
+
+
+def _mid_tick(sim) -> None:
+    """Sleep to the middle of a counter period (no read races a tick)."""
+    origin, period = sim.counter_origin_s, sim.counter_period_s
+    phase = (time.monotonic() - origin) % period
+    time.sleep((0.5 * period - phase) % period)
+
+
+@pytest.mark.parametrize("profile", benchmark_profiles(3), ids=lambda p: p.name)
+def test_profile_counter_integrates_the_profile_exactly(simulated_nvml, profile):
+    sim = simulated_nvml(1, counter_period_s=0.05)
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    origin = time.monotonic() - 0.123
+    sim.set_power_profile(0, profile, origin_s=origin)
+    sim.set_load(0, 1.0)  # the load no longer matters: power follows the profile
+    o, period = sim.counter_origin_s, sim.counter_period_s
+    time.sleep(period)  # the first tick compared lies after the profile began
+    readings = []
+    for _ in range(4):
+        _mid_tick(sim)
+        mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        tick = o + math.floor((time.monotonic() - o) / period) * period
+        readings.append((tick, mj))
+        time.sleep(0.07)
+    for (t0, e0), (t1, e1) in zip(readings, readings[1:], strict=False):
+        expected_j = float(profile.energy_j(t0 - origin, t1 - origin))
+        assert (e1 - e0) / 1000.0 == pytest.approx(expected_j, abs=2e-3)
+        assert sim.profile_energy_j(0, t0, t1) == pytest.approx(expected_j, rel=1e-9, abs=1e-9)
+    now = time.monotonic()
+    assert sim.power_w(0) == pytest.approx(float(profile.power_w(now - origin)), rel=0.05, abs=5.0)
+
+
+def test_profile_ground_truth_matches_python_for_any_window(sim):
+    profile = PowerProfile.random_steps(seed=5, mean_hold_s=0.05, period_s=2.0)
+    origin = time.monotonic() - 10.0
+    sim.set_power_profile(1, profile, origin_s=origin)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a, b = np.sort(rng.uniform(-5.0, 30.0, 2)) + origin
+        assert sim.profile_energy_j(1, a, b) == pytest.approx(
+            float(profile.energy_j(a - origin, b - origin)), rel=1e-9, abs=1e-6
+        )
+    # exact integral: the mean power over whole periods is the profile's mean
+    assert float(profile.energy_j(0.0, 20.0)) == pytest.approx(20.0 * profile.mean_power_w)
+
+
+def test_ground_truth_sample_follows_the_profile(sim):
+    profile = PowerProfile.square(0.2, low_w=50.0, high_w=500.0)
+    sim.set_power_profile(0, profile)
+    t0, e0 = sim.ground_truth_sample(0)
+    time.sleep(0.3)
+    t1, e1 = sim.ground_truth_sample(0)
+    assert e1 - e0 == pytest.approx(sim.profile_energy_j(0, t0, t1), rel=1e-6)
+
+
+def test_clearing_the_profile_returns_to_the_load_model(sim):
+    sim.set_power_profile(0, PowerProfile.constant(123.0))
+    assert sim.power_w(0) == pytest.approx(123.0)
+    sim.set_power_profile(0, None)
+    spec = sim.specs[0]
+    assert sim.power_w(0) == pytest.approx(spec.idle_power_w)
+    with pytest.raises(SimulatedNVMLError, match="no power profile"):
+        sim.profile_energy_j(0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: PowerProfile("x", (0.0,), (-1.0,), (1.0,), 1.0), "powers"),
+        (lambda: PowerProfile("x", (0.5,), (1.0,), (1.0,), 1.0), "start at 0"),
+        (lambda: PowerProfile("x", (0.0, 0.0), (1.0, 1.0), (1.0, 1.0), 1.0), "increase"),
+        (lambda: PowerProfile("x", (0.0,), (1.0,), (1.0,), math.inf), "period_s"),
+        (lambda: PowerProfile.square(1.0, duty=1.5), "duty"),
+    ],
+)
+def test_profile_validation(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_set_power_profile_validation(sim):
+    with pytest.raises(ValueError, match="PowerProfile"):
+        sim.set_power_profile(0, "square")
+    with pytest.raises(ValueError, match="origin_s"):
+        sim.set_power_profile(0, PowerProfile.constant(), origin_s=math.nan)

@@ -7,14 +7,16 @@ curves at the recorded boundaries for every step whose end the curves already co
 
 from __future__ import annotations
 
+import collections
 import logging
-import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_sustain.energy.attribution import StepAttribution
+import numpy as np
+
+from lightning_sustain.energy.attribution import Choice, StepAttribution, attribute_steps
 from lightning_sustain.energy.meter import EnergyMeter
 
 logger = logging.getLogger(__name__)
@@ -131,9 +133,12 @@ class EnergyAccountant:
         meter: the meter whose curves answer the queries.
         on_steps: called with every batch of newly resolved steps (e.g. a trace writer).
         max_pending: resolve early once this many steps wait (bounds memory).
-        attribute_short_steps: split energy among steps shorter than two counter updates
-            with :class:`~lightning_sustain.energy.attribution.StepAttribution` instead of
-            plain interpolation (totals are unchanged).
+        attribute_short_steps: attribute each counter update's energy to the steps that
+            overlap it with the reconstruction of
+            :mod:`~lightning_sustain.energy.attribution` that best predicts held-out counter
+            points (plain interpolation where none does clearly better); False: plain
+            interpolation always. Energy never moves between update intervals.
+        attribution_lookback_s: seconds of recent curve the choice is made on.
     """
 
     def __init__(
@@ -142,12 +147,17 @@ class EnergyAccountant:
         on_steps: Callable[[list[StepEnergy]], None] | None = None,
         max_pending: int = 4096,
         attribute_short_steps: bool = True,
+        attribution_lookback_s: float = 10.0,
     ) -> None:
         self.meter = meter
         self.on_steps = on_steps
         self.max_pending = max_pending
         self.attribute_short_steps = attribute_short_steps
         self._attribution: dict[str, StepAttribution] = {}
+        self.attribution_lookback_s = attribution_lookback_s
+        self._recent_steps: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
+        #: the reconstruction chosen at the last resolve, per device (diagnostics)
+        self.last_choice: dict[str, Choice] = {}
         self.totals: dict[str, PhaseTotals] = empty_totals()
         self._pending_steps: list[tuple[int, int, float, float, int]] = []
         self._pending_intervals: list[tuple[str, int, int, int, int]] = []
@@ -258,7 +268,8 @@ class EnergyAccountant:
                 self.meter.wait_until_covered(max(pending_times), timeout_s=timeout_s)
             covered_until = float("inf")
         else:
-            covered = self.meter.latest_time_s()
+            # attribution wants the update interval after a step's end too
+            covered = self.meter.latest_time_s(points_after=1 if self.attribute_short_steps else 0)
             if covered is None:
                 covered = float("inf") if not self.meter.streams or self.meter.failures() else None
             if covered is None:
@@ -316,21 +327,33 @@ class EnergyAccountant:
     def _attribute(
         self, ready: list[tuple[int, int, float, float, int]], per_step: dict[str, list[float]]
     ) -> None:
-        bounds = [(start_s, end_s) for _s, _e, start_s, end_s, _n in ready]
-        durations = [end_s - start_s for start_s, end_s in bounds]
-        if len(bounds) < 2:
-            return
-        median_step_s = statistics.median(durations)
+        """Re-split each counter update's energy among the steps overlapping it.
+
+        Plain interpolation (already in ``per_step``) is replaced only by a reconstruction
+        that :func:`~lightning_sustain.energy.attribution.choose_method` found to predict
+        held-out counter points of the recent curve better; energy never leaves its update
+        interval, so per-step figures stay consistent with the counter's totals.
+        """
+        starts = np.fromiter((r[2] for r in ready), float, len(ready))
+        ends = np.fromiter((r[3] for r in ready), float, len(ready))
+        self._recent_steps.extend(zip(starts.tolist(), ends.tolist(), strict=True))
+        lookback_t0 = float(starts[0]) - self.attribution_lookback_s
+        recent = [b for b in self._recent_steps if b[1] >= lookback_t0]
+        context = (np.array([b[0] for b in recent]), np.array([b[1] for b in recent]))
         for stream in self.meter.streams:
             device_id = stream.info.device_id
             if device_id not in per_step or stream.failure is not None:
                 continue
-            times, energies = stream.points_between(bounds[0][0], bounds[-1][1])
+            times, energies = stream.points_between(lookback_t0, float(ends[-1]), context=2)
             if len(times) < 3:
                 continue
-            update_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
-            if median_step_s >= 2 * update_s:
-                continue  # steps span several updates: interpolation is already exact
             model = self._attribution.setdefault(device_id, StepAttribution())
-            model.update(bounds, times, energies)
-            per_step[device_id] = model.split(sum(per_step[device_id]), durations)
+            span_t, span_e = stream.points_between(float(starts[0]), float(ends[-1]))
+            model.update(list(zip(starts, ends, strict=True)), span_t, span_e)
+            affine = (model.fixed_j, model.power_w) if model.fitted else None
+            values, choice = attribute_steps(
+                times, energies, starts, ends, affine=affine, context_steps=context
+            )
+            self.last_choice[device_id] = choice
+            if choice.method != "plain":
+                per_step[device_id] = [float(v) for v in values]

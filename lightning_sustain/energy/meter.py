@@ -61,15 +61,20 @@ class DeviceStream:
         """Read the device once and append the reading (warns once if reading fails)."""
         if self.failure is not None:
             return
+        read_many = getattr(self.device, "read_many", None)
         try:
-            reading = self.device.read()
+            if read_many is not None:
+                readings = list(read_many())
+            else:
+                reading = self.device.read()
+                readings = [reading] if reading is not None else []
         except EnergyMeasurementError as exc:
             self._fail(str(exc))
             return
         except Exception as exc:  # measurement must never take training down
             self._fail(f"unexpected {type(exc).__name__} reading {self.info.name}: {exc}")
             return
-        if reading is not None:
+        for reading in readings:
             self._append(reading)
 
     def next_due_s(self, now_s: float) -> float:
@@ -152,13 +157,20 @@ class DeviceStream:
         # np.interp clamps outside the range: the first/last values, as documented
         return np.interp(query, t_part, e_part).tolist()
 
-    def points_between(self, t0_s: float, t1_s: float) -> tuple[list[float], list[float]]:
-        """The curve's points in ``[t0_s, t1_s]`` plus one on each side, if any."""
+    def points_between(
+        self, t0_s: float, t1_s: float, context: int = 1
+    ) -> tuple[list[float], list[float]]:
+        """The curve's points in ``[t0_s, t1_s]`` plus ``context`` on each side, if any."""
         with self._lock:
             ts, es = self._times_s, self._energies_j
-            lo = max(0, bisect.bisect_left(ts, t0_s) - 1)
-            hi = min(len(ts), bisect.bisect_right(ts, t1_s) + 1)
+            lo = max(0, bisect.bisect_left(ts, t0_s) - context)
+            hi = min(len(ts), bisect.bisect_right(ts, t1_s) + context)
             return ts[lo:hi], es[lo:hi]
+
+    def time_of_point(self, back: int = 0) -> float | None:
+        """Time of the point ``back`` places before the newest (None if there is none)."""
+        with self._lock:
+            return self._times_s[-1 - back] if len(self._times_s) > back else None
 
     def mean_power_w(self, t0_s: float, t1_s: float) -> float | None:
         """Mean power between two times from the curve, in watts."""
@@ -166,6 +178,33 @@ class DeviceStream:
             return None
         e0, e1 = self.energy_at([t0_s, t1_s])
         return (e1 - e0) / (t1_s - t0_s)
+
+
+#: Longest wait at meter construction for a device's first point, in seconds.
+FIRST_POINT_TIMEOUT_S = 0.5
+
+
+def _wait_for_first_point(stream: DeviceStream, timeout_s: float = FIRST_POINT_TIMEOUT_S) -> None:
+    """Poll until the curve has its first point (bounded), so it starts at construction.
+
+    A counter's first value applies to an update at an unknown earlier time, so its curve
+    begins at the first *change* (up to one update period, ~100 ms for NVML). Waiting for
+    it here makes every window that starts after the meter was built measured in full.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stream.poll()
+        if stream.latest_time_s is not None or stream.failure is not None:
+            return
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "%s gave no energy reading within %.1f s of opening; energy before its "
+                "first reading is not counted.",
+                stream.info.name,
+                timeout_s,
+            )
+            return
+        time.sleep(0.001)
 
 
 class _Sampler:
@@ -183,7 +222,7 @@ class _Sampler:
             stream = self.streams.get(device.info.device_id)
             if stream is None:
                 stream = DeviceStream(device, interval_s, history_s)
-                stream.poll()  # the curve starts now, not one interval later
+                _wait_for_first_point(stream)  # the curve starts now, not one update later
                 self.streams[device.info.device_id] = stream
             else:
                 if device is not stream.device:
@@ -271,7 +310,18 @@ class EnergyMeter:
     """A view onto the sampled energy curves of some devices.
 
     Devices are sampled on a background thread from construction until :meth:`close`
-    (or garbage collection). Meters over the same device share one curve.
+    (or garbage collection). Meters over the same device share one curve. Construction
+    waits (at most :data:`FIRST_POINT_TIMEOUT_S`) until every device's curve has its first
+    point, so every window that starts after construction is measured in full; energy
+    before a curve's first point (:meth:`curve_start_s`) is not measured.
+
+    Accuracy (docs/energy.md, measured on the simulated device with a busy pure-Python
+    training thread, 2-core VM at load average ~16): ``counter`` curves are exact at each
+    update up to 1 mJ; 1 s windows were within 0.41 % of ground truth (median 0.006-0.022 %)
+    with NVML's native poller (update timestamps p90 0.25-0.36 ms), within 6 % (median
+    0.6-1.6 %) with the Python sampler (p90 39 ms); ``integrated`` curves (power refreshed
+    every ~100 ms, sample-and-hold, trapezoid rule) were exact under constant power and
+    within 2.5 % (median 1.1 %) on 1 s windows of a 1 s square wave.
 
     Args:
         devices: the devices to measure. A device already sampled in this process is
@@ -341,9 +391,25 @@ class EnergyMeter:
         """Read every device once, synchronously (used at the end of a run)."""
         _SAMPLER.poll_now(self._streams)
 
-    def latest_time_s(self) -> float | None:
-        """Time up to which every healthy device's curve is known."""
-        latest = [s.latest_time_s for s in self._streams if s.failure is None]
+    def curve_start_s(self) -> float | None:
+        """The latest first point over the healthy curves: windows from here on are exact.
+
+        The meter waits for each curve's first point at construction, so this is at most
+        the construction time. Energy before a curve's first point is not measured:
+        :meth:`energy_between` counts it as zero.
+        """
+        firsts = [s.first_time_s for s in self._streams if s.failure is None]
+        known = [t for t in firsts if t is not None]
+        return max(known) if known else None
+
+    def latest_time_s(self, points_after: int = 0) -> float | None:
+        """Time up to which every healthy device's curve is known.
+
+        Args:
+            points_after: require this many further points after the returned time on
+                every curve (per-step attribution wants the next update interval too).
+        """
+        latest = [s.time_of_point(points_after) for s in self._streams if s.failure is None]
         known = [t for t in latest if t is not None]
         if not known:
             return None

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.errors import (
     DeviceUnavailableError,
@@ -26,6 +28,11 @@ from lightning_sustain.energy.errors import (
     MeasurementNotSupportedError,
     PowerLimitError,
     PowerLimitPermissionError,
+)
+from lightning_sustain.energy.native import (
+    NativeCounterPoller,
+    NativePollerUnavailable,
+    native_poller_enabled,
 )
 from lightning_sustain.energy.types import DeviceInfo, EnergyReading, Provenance
 
@@ -211,6 +218,11 @@ class NvmlGpu(EnergyDevice):
         nvml_index: the NVML device index (not the CUDA ordinal; see
             :func:`resolve_visible_gpus`).
         prefer_counter: use the total-energy counter when the device has one.
+        native_poller: poll the counter from a native thread
+            (:mod:`lightning_sustain.energy.native`), so update times stay accurate while
+            the training thread holds the GIL; ``None``: on unless
+            ``LIGHTNING_SUSTAIN_NATIVE_POLLER=0``. Falls back to Python polling, with a
+            warning, where the helper cannot be built (no C compiler).
 
     Raises:
         DeviceUnavailableError: NVML is missing or the index does not exist.
@@ -223,7 +235,9 @@ class NvmlGpu(EnergyDevice):
     #: polling saved ~7 us of CPU per 2.5 ms step but tripled the run-total error).
     preferred_interval_s = 0.01
 
-    def __init__(self, nvml_index: int, prefer_counter: bool = True) -> None:
+    def __init__(
+        self, nvml_index: int, prefer_counter: bool = True, native_poller: bool | None = None
+    ) -> None:
         self._pynvml = nvml_init()
         self._closed = False
         pynvml = self._pynvml
@@ -268,6 +282,21 @@ class NvmlGpu(EnergyDevice):
         self._last_change_s = 0.0
         self._origin_set = False
         self._update_periods: collections.deque[float] = collections.deque(maxlen=9)
+        self._poller: NativeCounterPoller | None = None
+        self._brackets: collections.deque[tuple[float, float]] = collections.deque(maxlen=30)
+        if native_poller is None:
+            native_poller = native_poller_enabled()
+        if native_poller and self._mode == "counter":
+            try:
+                self._poller = NativeCounterPoller(pynvml, self._handle)
+            except NativePollerUnavailable as exc:
+                logger.info("NVML device %d: no native counter poller (%s)", nvml_index, exc)
+            except Exception as exc:  # noqa: BLE001 - measurement falls back, never fails
+                logger.warning("NVML device %d: native poller failed to start (%s); "
+                               "polling from Python", nvml_index, exc)  # fmt: skip
+        if self._poller is not None:
+            # Python only drains the native thread's records: no need to wake often
+            self.preferred_interval_s = 0.02
         logger.debug("NVML device %d (%s) measured by %s", nvml_index, name, self._mode)
 
     # -- set-up -----------------------------------------------------------------------
@@ -317,6 +346,16 @@ class NvmlGpu(EnergyDevice):
 
     # -- reading ----------------------------------------------------------------------
     @property
+    def native(self) -> bool:
+        """True when a native thread polls the counter (:mod:`lightning_sustain.energy.native`)."""
+        return self._poller is not None
+
+    @property
+    def native_cpu_s(self) -> float:
+        """CPU seconds used by the native poller thread so far (0 without one)."""
+        return self._poller.cpu_s if self._poller is not None else 0.0
+
+    @property
     def mode(self) -> str:
         """How energy is obtained: ``counter``, ``field`` (instant power) or ``power``."""
         return self._mode
@@ -354,6 +393,17 @@ class NvmlGpu(EnergyDevice):
         Raises:
             EnergyMeasurementError: if the device cannot be read (GPU lost, NVML error).
         """
+        readings = self.read_many()
+        return readings[-1] if readings else None
+
+    def read_many(self) -> list[EnergyReading]:
+        """Every new reading since the last call (several when a native poller runs).
+
+        Raises:
+            EnergyMeasurementError: if the device cannot be read (GPU lost, NVML error).
+        """
+        if self._poller is not None:
+            return self._drain_native()
         pynvml = self._pynvml
         now = time.monotonic()
         try:
@@ -364,8 +414,59 @@ class NvmlGpu(EnergyDevice):
         except pynvml.NVMLError as exc:
             raise self._map_error(exc, "read energy") from exc
         if self._mode == "counter":
-            return self._counter_reading(now, raw_mj)
-        return self._integrate(now, power_w)
+            reading = self._counter_reading(now, raw_mj)
+            return [reading] if reading is not None else []
+        return [self._integrate(now, power_w)]
+
+    def _drain_native(self) -> list[EnergyReading]:
+        assert self._poller is not None
+        readings = []
+        for record in self._poller.drain():
+            if record.t_prev_s is not None:
+                self._last_poll_s = record.t_prev_s  # the poll before this change
+            reading = self._counter_reading(record.t_s, record.energy_mj)
+            if reading is not None:
+                readings.append(reading)
+        error = self._poller.error
+        if error:
+            pynvml = self._pynvml
+            self._poller.stop()
+            raise self._map_error(pynvml.NVMLError(error), "read energy")
+        return readings
+
+    def _stamp(self, previous_poll: float, now: float) -> float:
+        """When the counter updated, given the polls before and after the change.
+
+        Python polling: the midpoint of the two polls. Native polling: the counter updates
+        on a regular clock, so a grid ``t0 + n * period`` is fitted by weighted least
+        squares to the last brackets' midpoints (weight 1 / width^2: sharp brackets count
+        most) and the update is placed on the grid, clipped into its own bracket (the
+        update certainly happened between the two polls). Where the grid does not fit
+        (a bracket misses it by more than 1 ms: no regular clock) or is not known yet,
+        the midpoint is used.
+        """
+        mid = 0.5 * (previous_poll + now)
+        if self._poller is None:
+            return mid
+        self._brackets.append((previous_poll, now))
+        if len(self._brackets) < 6:
+            return mid
+        lo = np.array([b[0] for b in self._brackets])
+        hi = np.array([b[1] for b in self._brackets])
+        mids, widths = 0.5 * (lo + hi), np.maximum(hi - lo, 2e-4)
+        gaps = np.diff(mids)
+        period0 = float(np.median(gaps))
+        if period0 <= 0:
+            return mid
+        n = np.concatenate(([0.0], np.cumsum(np.maximum(np.round(gaps / period0), 1.0))))
+        w = 1.0 / widths**2
+        design = np.column_stack((np.ones_like(n), n)) * np.sqrt(w)[:, None]
+        (t0, period), *_ = np.linalg.lstsq(design, mids * np.sqrt(w), rcond=None)
+        grid = t0 + n * period
+        miss = np.maximum(lo - grid, grid - hi)
+        if float(miss.max()) > 1e-3:
+            return mid
+        return float(min(max(grid[-1], previous_poll), now))
 
     def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
@@ -393,7 +494,7 @@ class NvmlGpu(EnergyDevice):
                 self._backwards_warned = True
             return None
         delta_j = (raw_mj - previous_mj) / 1000.0
-        timestamp = (previous_poll + now) / 2.0
+        timestamp = self._stamp(previous_poll, now)
         interval = timestamp - self._last_change_s
         self._update_periods.append(interval)
         self._energy_j += delta_j
@@ -409,7 +510,7 @@ class NvmlGpu(EnergyDevice):
         polls every ``interval_s`` until it comes, so each update is still timestamped
         within ``interval_s / 2`` while the sampler wakes about three times less often.
         """
-        if self._mode != "counter" or len(self._update_periods) < 3:
+        if self._poller is not None or self._mode != "counter" or len(self._update_periods) < 3:
             return now_s + interval_s
         period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
         if period_s < 4 * interval_s:
@@ -477,6 +578,8 @@ class NvmlGpu(EnergyDevice):
         """Release this device's NVML reference."""
         if not self._closed:
             self._closed = True
+            if self._poller is not None:
+                self._poller.stop()  # joins the thread before NVML may go away
             nvml_shutdown()
 
 

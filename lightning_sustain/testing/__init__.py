@@ -3,6 +3,7 @@
 See ``docs/simulated-nvml.md``. Everything these helpers produce is simulated.
 """
 
+from lightning_sustain.testing.profiles import PowerProfile, benchmark_profiles
 from lightning_sustain.testing.simulated_nvml import (
     SimulatedDeviceSpec,
     SimulatedNVML,
@@ -10,4 +11,11 @@ from lightning_sustain.testing.simulated_nvml import (
     build_library,
 )
 
-__all__ = ["SimulatedDeviceSpec", "SimulatedNVML", "SimulatedNVMLError", "build_library"]
+__all__ = [
+    "PowerProfile",
+    "benchmark_profiles",
+    "SimulatedDeviceSpec",
+    "SimulatedNVML",
+    "SimulatedNVMLError",
+    "build_library",
+]

@@ -94,7 +94,8 @@ typedef struct {
 
 /* ---- shared state layout ---- */
 #define LSIM_MAGIC 0x4c53494d4e564d4cULL /* "LSIMNVML" */
-#define LSIM_LAYOUT_VERSION 1u
+#define LSIM_LAYOUT_VERSION 2u
+#define LSIM_MAX_SEGMENTS 4096
 #define LSIM_MAX_DEVICES 64
 #define LSIM_STR_LEN 96
 #define LSIM_ENV_STATE "LIGHTNING_SUSTAIN_SIMNVML_STATE"
@@ -155,7 +156,17 @@ typedef struct {
     double limit_set_time_s;
     uint64_t limit_set_count;
     int32_t fault;
-    int32_t pad;
+    int32_t profile_n;       /* > 0: power follows the time profile below, not the load */
+    /* Power profile over wall time (periodic, piecewise linear): segment j runs from
+     * seg_t[j] to seg_t[j+1] (the last one to profile_period_s) with power going linearly
+     * from seg_p0[j] to seg_p1[j]; seg_cum[j] is the energy of one period up to seg_t[j]. */
+    double profile_period_s;
+    double profile_origin_s; /* CLOCK_MONOTONIC time of profile time 0 */
+    double profile_period_j; /* energy of one whole period */
+    double seg_t[LSIM_MAX_SEGMENTS];
+    double seg_p0[LSIM_MAX_SEGMENTS];
+    double seg_p1[LSIM_MAX_SEGMENTS];
+    double seg_cum[LSIM_MAX_SEGMENTS];
 } lsim_device_t;
 
 typedef struct {
@@ -235,29 +246,75 @@ static int64_t tick_index(const lsim_state_t *st, double t) {
     return k < 0 ? 0 : (int64_t)k;
 }
 
-/* Bring the integral up to time t (power unchanged), recording the tick snapshots that
- * lie in (last_change_t, t]. Idempotent with respect to the model, so reads call it too. */
+/* Profile: which segment holds phase r (0 <= r < period); binary search. */
+static int profile_segment(const lsim_device_t *d, double r) {
+    int lo = 0, hi = d->profile_n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (d->seg_t[mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static double segment_end(const lsim_device_t *d, int j) {
+    return j + 1 < d->profile_n ? d->seg_t[j + 1] : d->profile_period_s;
+}
+
+/* Exact integral of the profile from profile time 0 to origin-relative time tau. */
+static double profile_cumulative_j(const lsim_device_t *d, double tau) {
+    double n = floor(tau / d->profile_period_s);
+    double r = tau - n * d->profile_period_s;
+    if (r < 0) r = 0;
+    if (r >= d->profile_period_s) r = d->profile_period_s;
+    int j = profile_segment(d, r);
+    double len = segment_end(d, j) - d->seg_t[j];
+    double x = r - d->seg_t[j];
+    double part = d->seg_p0[j] * x;
+    if (len > 0) part += (d->seg_p1[j] - d->seg_p0[j]) * x * x / (2.0 * len);
+    return n * d->profile_period_j + d->seg_cum[j] + part;
+}
+
+static double profile_power_w(const lsim_device_t *d, double t) {
+    double tau = t - d->profile_origin_s;
+    double n = floor(tau / d->profile_period_s);
+    double r = tau - n * d->profile_period_s;
+    if (r < 0) r = 0;
+    int j = profile_segment(d, r);
+    double len = segment_end(d, j) - d->seg_t[j];
+    double x = r - d->seg_t[j];
+    return len > 0 ? d->seg_p0[j] + (d->seg_p1[j] - d->seg_p0[j]) * x / len : d->seg_p0[j];
+}
+
+/* Ground-truth energy at time t >= last_change_t under the power in force since then. */
+static double energy_at(const lsim_device_t *d, double t) {
+    if (t <= d->last_change_t) return d->energy_j;
+    if (d->profile_n > 0) {
+        return d->energy_j + profile_cumulative_j(d, t - d->profile_origin_s) -
+               profile_cumulative_j(d, d->last_change_t - d->profile_origin_s);
+    }
+    return d->energy_j + d->power_w * (t - d->last_change_t);
+}
+
+/* Bring the integral up to time t, recording the tick snapshots that lie in
+ * (last_change_t, t]. Idempotent with respect to the model, so reads call it too. */
 static void advance(const lsim_state_t *st, lsim_device_t *d, double t) {
     if (t <= d->last_change_t) return;
     int64_t kt = tick_index(st, t);
     if (kt > d->snap_k) {
         double tk = st->t0 + (double)kt * st->period_s;
-        double dt = tk - d->last_change_t;
-        if (dt < 0) dt = 0;
-        double e_kt = d->energy_j + d->power_w * dt;
+        double e_kt = energy_at(d, tk);
         if (kt - 1 > d->snap_k) {
-            double dtp = dt - st->period_s;
-            if (dtp < 0) dtp = 0;
-            d->prev_energy_j = d->energy_j + d->power_w * dtp;
+            d->prev_energy_j = energy_at(d, tk - st->period_s);
         } else {
             d->prev_energy_j = d->snap_energy_j;
         }
         d->snap_k = kt;
         d->snap_energy_j = e_kt;
-        d->snap_power_w = d->power_w;
+        d->snap_power_w = d->profile_n > 0 ? profile_power_w(d, tk) : d->power_w;
     }
-    d->energy_j += d->power_w * (t - d->last_change_t);
+    d->energy_j = energy_at(d, t);
     d->last_change_t = t;
+    if (d->profile_n > 0) d->power_w = profile_power_w(d, t);
 }
 
 static void init_device(const lsim_state_t *st, lsim_device_t *d, const lsim_spec_t *spec) {
@@ -415,7 +472,7 @@ LSIM_EXPORT int lsim_set_load(void *state, unsigned int i, double load) {
     lock_state(st);
     advance(st, d, lsim_now());
     d->load = load;
-    d->power_w = drawn_power_w(d);
+    if (d->profile_n <= 0) d->power_w = drawn_power_w(d);
     unlock_state(st);
     return 0;
 }
@@ -429,9 +486,75 @@ LSIM_EXPORT int lsim_set_limit_w(void *state, unsigned int i, double limit_w) {
     lock_state(st);
     advance(st, d, lsim_now());
     d->limit_w = limit_w;
-    d->power_w = drawn_power_w(d);
+    if (d->profile_n <= 0) d->power_w = drawn_power_w(d);
     unlock_state(st);
     return 0;
+}
+
+/* Make device i's power follow a periodic, piecewise-linear profile over wall time from
+ * now on (independent of the load); n == 0 returns to the load model. Segment starts must
+ * begin at 0, increase strictly and lie below period_s; powers must be finite and >= 0. */
+LSIM_EXPORT int lsim_set_profile(void *state, unsigned int i, int n, const double *seg_t,
+                                 const double *p0, const double *p1, double period_s,
+                                 double origin_s) {
+    lsim_state_t *st = (lsim_state_t *)state;
+    lsim_device_t *d = ctl_device(st, i);
+    if (!d || n < 0 || n > LSIM_MAX_SEGMENTS) return EINVAL;
+    if (n > 0) {
+        if (!seg_t || !p0 || !p1 || !(period_s > 0.0) || !isfinite(period_s) ||
+            !isfinite(origin_s) || seg_t[0] != 0.0) return EINVAL;
+        for (int j = 0; j < n; j++) {
+            if (!(p0[j] >= 0.0) || !(p1[j] >= 0.0) || !isfinite(p0[j]) || !isfinite(p1[j]))
+                return EINVAL;
+            if (!(seg_t[j] < period_s) || (j > 0 && !(seg_t[j] > seg_t[j - 1]))) return EINVAL;
+        }
+    }
+    lock_state(st);
+    advance(st, d, lsim_now());
+    d->profile_n = 0;
+    if (n > 0) {
+        double cum = 0.0;
+        for (int j = 0; j < n; j++) {
+            d->seg_t[j] = seg_t[j];
+            d->seg_p0[j] = p0[j];
+            d->seg_p1[j] = p1[j];
+            d->seg_cum[j] = cum;
+            double end = j + 1 < n ? seg_t[j + 1] : period_s;
+            cum += 0.5 * (p0[j] + p1[j]) * (end - seg_t[j]);
+        }
+        d->profile_period_s = period_s;
+        d->profile_origin_s = origin_s;
+        d->profile_period_j = cum;
+        d->profile_n = n;
+        d->power_w = profile_power_w(d, d->last_change_t);
+    } else {
+        d->power_w = drawn_power_w(d);
+    }
+    unlock_state(st);
+    return 0;
+}
+
+/* Exact ground-truth energy of device i's profile between two CLOCK_MONOTONIC times
+ * (any window, past or future); EINVAL when no profile is set. */
+LSIM_EXPORT int lsim_profile_energy_j(void *state, unsigned int i, double t0, double t1,
+                                      double *out) {
+    lsim_state_t *st = (lsim_state_t *)state;
+    lsim_device_t *d = ctl_device(st, i);
+    if (!d || !out) return EINVAL;
+    lock_state(st);
+    int rc = 0;
+    if (d->profile_n <= 0) {
+        rc = EINVAL;
+    } else {
+        *out = profile_cumulative_j(d, t1 - d->profile_origin_s) -
+               profile_cumulative_j(d, t0 - d->profile_origin_s);
+    }
+    unlock_state(st);
+    return rc;
+}
+
+LSIM_EXPORT double lsim_t0(void *state) {
+    return state ? ((lsim_state_t *)state)->t0 : -1.0;
 }
 
 enum { LSIM_SET_PERMITTED = 0, LSIM_SET_FIELD_VALUES = 1, LSIM_SET_MIG = 2, LSIM_SET_ARCH = 3,
@@ -727,7 +850,7 @@ LSIM_EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(void *device, unsigne
     }
     /* advance() already ran in begin(): the new power applies from now on. */
     d->limit_w = (double)limit / 1000.0;
-    d->power_w = drawn_power_w(d);
+    if (d->profile_n <= 0) d->power_w = drawn_power_w(d);
     d->limit_set_count++;
     d->limit_set_time_s = d->last_change_t;
     END(NVML_SUCCESS);

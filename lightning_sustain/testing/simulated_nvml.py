@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_sustain.testing.profiles import PowerProfile
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -89,7 +91,7 @@ _CFLAGS = ("-O2", "-shared", "-fPIC", f"-Wl,-soname,{LIBRARY_NAME}")
 _LIBS = ("-lpthread", "-lm")
 _MAX_DEVICES = 64
 _STR_LEN = 96
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 
 
 class SimulatedNVMLError(RuntimeError):
@@ -345,6 +347,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lsim_set_load.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_double]
     lib.lsim_set_limit_w.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_double]
     lib.lsim_set_int.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_int]
+    _dbl_p = ctypes.POINTER(ctypes.c_double)
+    lib.lsim_set_profile.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, _dbl_p,
+                                     _dbl_p, _dbl_p, ctypes.c_double, ctypes.c_double]  # fmt: skip
+    lib.lsim_profile_energy_j.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_double,
+                                          ctypes.c_double, _dbl_p]  # fmt: skip
+    lib.lsim_t0.argtypes = [ctypes.c_void_p]
+    lib.lsim_t0.restype = ctypes.c_double
     if lib.lsim_spec_size() != ctypes.sizeof(_Spec) or lib.lsim_readout_size() != ctypes.sizeof(
         _Readout
     ):
@@ -858,6 +867,71 @@ class SimulatedNVML:
                 f"architecture {architecture!r} is unknown; use one of {sorted(ARCHITECTURES)}"
             )
         self._set_int(index, _SET_ARCH, ARCHITECTURES[architecture])
+
+    def set_power_profile(
+        self, index: int, profile: PowerProfile | None, origin_s: float | None = None
+    ) -> None:
+        """Make device ``index`` draw ``profile`` over wall time, independent of the load.
+
+        From now on the device's power follows the profile (``set_load``, ``busy`` and power
+        limits still stretch simulated work but no longer change the power); ``None``
+        returns to the load model. The energy counter and sampled power readings integrate
+        the profile exactly, so :meth:`profile_energy_j` is the ground truth of any window.
+
+        Args:
+            index: Device index.
+            profile: The power profile, or ``None``.
+            origin_s: ``time.monotonic()`` of profile time 0; ``None`` uses now.
+
+        Raises:
+            ValueError: ``profile`` is not a :class:`PowerProfile` or ``origin_s`` is not finite.
+        """
+        self._check_index(index)
+        lib, handle = self._live()
+        if profile is None:
+            rc = lib.lsim_set_profile(handle, index, 0, None, None, None, 1.0, 0.0)
+        else:
+            if not isinstance(profile, PowerProfile):
+                raise ValueError(f"profile must be a PowerProfile or None, got {profile!r}")
+            origin = time.monotonic() if origin_s is None else origin_s
+            if isinstance(origin, bool) or not isinstance(origin, (int, float)) or not (
+                math.isfinite(origin)
+            ):
+                raise ValueError(f"origin_s must be a finite number, got {origin_s!r}")
+            n = len(profile.starts_s)
+            arrays = [(ctypes.c_double * n)(*values) for values in
+                      (profile.starts_s, profile.start_power_w, profile.end_power_w)]  # fmt: skip
+            rc = lib.lsim_set_profile(handle, index, n, *arrays, profile.period_s, float(origin))
+        if rc != 0:
+            raise SimulatedNVMLError(f"Setting the power profile of device {index} failed: "
+                                     f"{os.strerror(rc)}")  # fmt: skip
+
+    def profile_energy_j(self, index: int, t0_s: float, t1_s: float) -> float:
+        """Exact energy of device ``index``'s profile between two ``time.monotonic()`` times.
+
+        Any window, past or future, as long as the profile was in force over it.
+
+        Raises:
+            SimulatedNVMLError: No profile is set on the device.
+        """
+        self._check_index(index)
+        lib, handle = self._live()
+        out = ctypes.c_double()
+        rc = lib.lsim_profile_energy_j(handle, index, float(t0_s), float(t1_s), ctypes.byref(out))
+        if rc != 0:
+            raise SimulatedNVMLError(
+                f"Device {index} has no power profile: call set_power_profile() first."
+            )
+        return float(out.value)
+
+    @property
+    def counter_origin_s(self) -> float:
+        """``time.monotonic()`` of counter update 0 (ground truth for timestamp checks).
+
+        The counter updates at this time plus whole multiples of :attr:`counter_period_s`.
+        """
+        lib, handle = self._live()
+        return float(lib.lsim_t0(handle))
 
     def set_fault(self, index: int, kind: str | None) -> None:
         """Inject or clear a fault on device ``index``.
