@@ -3,8 +3,10 @@
     python examples/shap_transformer.py --output-dir demo_output
 
 The model is ``lightning.pytorch.demos.Transformer`` (an encoder-decoder language model),
-trained on synthetic token sequences with one rule: the token after each sequence repeats
-its third token. Nothing is downloaded.
+trained on synthetic token sequences with one rule: each sequence holds one "key" token
+(``k1``..``k4``) among filler words, and the token after the sequence repeats the key. The
+rule does not depend on positions (the demo's positional encoding adds the same vector at
+every position). Nothing is downloaded.
 
 ``ShapSummary(input_keys=[0, 1])`` explains ``forward(inputs, decoder_inputs)``: both are
 token ids, so attributions are computed at the output of the shared ``nn.Embedding``
@@ -13,7 +15,7 @@ summed over the embedding dimension), for the log-probabilities of the next toke
 (``sequence_reduction="last"``) of the three tokens predicted most often. The artefacts in
 ``<log_dir>/shap/`` include ``tokens.md`` (each example with its top tokens marked) and
 ``tokens_<output>.png`` (the tokens that matter most overall); a model that learned the
-rule puts its attribution on position 2 of ``inputs``.
+rule puts its attribution on the key tokens.
 """
 
 from __future__ import annotations
@@ -30,20 +32,24 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sustain import ShapSummary
 
 BOS = 0
+N_KEYS = 4  # token ids 1..4 are keys, the rest filler words
 
 
 def synthetic_tokens(
     n: int, length: int = 8, vocab: int = 16, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequences whose next token repeats the third one.
+    """Sequences of filler words with one key token; the next token repeats the key.
 
     Returns:
         ``(inputs, decoder_inputs, targets)``, each ``(n, length)``: the decoder sees
         ``BOS`` followed by the targets shifted right (no target leaks into its input).
     """
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(1, vocab, (n, length + 1), generator=g)
-    seq[:, length] = seq[:, 2]
+    seq = torch.randint(N_KEYS + 1, vocab, (n, length + 1), generator=g)
+    keys = torch.randint(1, N_KEYS + 1, (n,), generator=g)
+    where = torch.randint(0, length, (n,), generator=g)
+    seq[torch.arange(n), where] = keys
+    seq[:, length] = keys
     inputs, targets = seq[:, :length], seq[:, 1:]
     decoder_inputs = torch.cat([torch.full((n, 1), BOS), targets[:, :-1]], dim=1)
     return inputs, decoder_inputs, targets
@@ -55,7 +61,11 @@ class TokenData(pl.LightningDataModule):
     def __init__(self, n_train: int = 2048, n_val: int = 256, vocab: int = 16) -> None:
         super().__init__()
         self.vocab = vocab
-        self.token_names = ["<bos>"] + [f"w{i}" for i in range(1, vocab)]
+        self.token_names = (
+            ["<bos>"]
+            + [f"k{i}" for i in range(1, N_KEYS + 1)]
+            + [f"w{i}" for i in range(N_KEYS + 1, vocab)]
+        )
         self.output_names = self.token_names  # the model's outputs are next-token log-probs
         self.train_set = TensorDataset(*synthetic_tokens(n_train, vocab=vocab, seed=0))
         self.val_set = TensorDataset(*synthetic_tokens(n_val, vocab=vocab, seed=1))

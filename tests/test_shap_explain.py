@@ -492,3 +492,11 @@ def test_draw_samples_and_extract_input():
     with pytest.raises(TypeError, match="set input_key"):
         extract_input({"a": torch.zeros(1)})
     assert extract_input({"a": torch.ones(2)}, "a").sum() == 2
+
+
+def test_time_budget_also_bounds_the_quadrature_refinement():
+    model = nn.Sequential(nn.Linear(20, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 2))
+    res = explain_model(model, torch.randn(50, 20), torch.randn(400, 20), time_budget_s=0.2)
+    assert res.explainer == "gradient"
+    assert res.budget_exhausted and 1 <= res.n_explained < 400
+    assert res.elapsed_s < 0.2 + 5.0  # one chunk (and its refinement) may finish past it

@@ -14,7 +14,9 @@ from lightning_sustain.explain import load_summary
 def test_synthetic_tokens_follow_the_rule():
     inputs, decoder_inputs, targets = synthetic_tokens(50, length=8, vocab=16, seed=3)
     assert inputs.shape == decoder_inputs.shape == targets.shape == (50, 8)
-    assert (targets[:, -1] == inputs[:, 2]).all()  # the next token repeats the third one
+    keys = (inputs >= 1) & (inputs <= 4)
+    assert (keys.sum(1) == 1).all()  # one key per sequence, among filler words
+    assert (targets[:, -1] == inputs[keys]).all()  # the next token repeats the key
     assert (decoder_inputs[:, 0] == 0).all() and (decoder_inputs[:, 1:] == targets[:, :-1]).all()
 
 
@@ -41,10 +43,10 @@ def test_demo_transformer_token_attributions(tmp_path):
     missed = any("ShapSummary: SHAP values miss" in str(w.message) for w in caught)
     assert missed == (not summary["additivity"]["within_target"])
     assert summary["background"]["size"] == 3 and len(summary["background"]["indices"]) == 3
-    names = {o["name"] for o in summary["outputs"]}
-    assert names <= {"<bos>"} | {f"w{i}" for i in range(1, 16)}  # the vocabulary
+    vocab = {"<bos>"} | {f"k{i}" for i in range(1, 5)} | {f"w{i}" for i in range(5, 16)}
+    assert {o["name"] for o in summary["outputs"]} <= vocab
     text = (out / "tokens.md").read_text()
-    assert text.count("**example") == 3 * 3 and "**[w" in text
+    assert text.count("**example") == 3 * 3 and "**[" in text
     for o in summary["outputs"]:
         assert o["top_tokens"] and (out / o["plots"]["tokens"]).stat().st_size > 1000
     assert load_summary(out)["files"]["tokens"] == "tokens.md"
