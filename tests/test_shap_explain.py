@@ -186,7 +186,7 @@ def test_gradient_refines_quadrature_until_additive():
     assert max(adaptive.additivity_relative_error) <= 0.01
     assert max(fixed.additivity_relative_error) > max(adaptive.additivity_relative_error)
     points = adaptive.settings["nsamples"]["quadrature_points_per_path"]
-    assert points["min"] >= 8 and points["max"] <= 128
+    assert points["min"] >= 8 and points["max"] <= 256
     assert adaptive.settings["nsamples"]["references_per_row"] == 10
 
 

@@ -79,7 +79,7 @@ class ShapSummary(Callback):
         num_samples: rows explained, drawn from the validation data (training data, disjoint
             from the background, when there is no validation loader).
         nsamples: quadrature points per (row, background row) path for the gradient
-            explainers; ``None`` (default): adaptive, 8 to 128 points.
+            explainers; ``None`` (default): adaptive, 8 to 256 points.
         npermutations: permutations per explained row for the permutation explainer.
         permutation_max_features: see ``explainer``.
         top_k_outputs: explain at most this many outputs of a multi-output model (the
@@ -156,8 +156,8 @@ class ShapSummary(Callback):
                 f"ShapSummary(explainer={explainer!r}) is not one of "
                 f"{', '.join(map(repr, EXPLAINER_NAMES))}."
             )
-        if nsamples is not None and not (isinstance(nsamples, int) and 1 <= nsamples <= 128):
-            raise ValueError(f"ShapSummary(nsamples={nsamples!r}) must be in [1, 128] or None.")
+        if nsamples is not None and not (isinstance(nsamples, int) and 1 <= nsamples <= 256):
+            raise ValueError(f"ShapSummary(nsamples={nsamples!r}) must be in [1, 256] or None.")
         if input_key is not None and input_keys is not None:
             raise ValueError(
                 "ShapSummary: set input_key (one model input) or input_keys (several), not both."

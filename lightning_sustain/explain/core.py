@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 #: one tensor, a tuple/list of tensors (positional arguments) or a dict (keyword arguments)
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
-_MAX_POINTS = 128  # quadrature points per path, at most
+_MAX_POINTS = 256  # quadrature points per path, at most
 
 
 @dataclass
@@ -358,7 +358,7 @@ def _adaptive_paths(
         target: ``(N, K)`` ``f(x) - base``.
         tolerance: ``(K,)`` allowed additivity error.
         n_points: quadrature points to start with.
-        adaptive: double the points of rows that miss the tolerance (up to 128).
+        adaptive: double the points of rows that miss the tolerance (up to 256).
         batch_size: points per forward/backward pass.
         deadline: ``time.perf_counter()`` value after which no new work starts.
         reduce_dims: per input, dimensions of the attribution to sum (embedding dim).
@@ -575,7 +575,7 @@ def explain_model(
         top_k_outputs: with more outputs than this, explain the ``top_k_outputs`` classes
             predicted most often among ``inputs``. ``None``: all outputs.
         nsamples: quadrature points per (row, background row) path for ``gradient`` and
-            ``embedding_gradient``. ``None``: start at 8 and double (up to 128) for the
+            ``embedding_gradient``. ``None``: start at 8 and double (up to 256) for the
             rows whose additivity error exceeds ``additivity_target`` x ``std(f)``; an
             integer fixes the number of points.
         npermutations: permutations per row (``permutation``).
