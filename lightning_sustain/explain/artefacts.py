@@ -88,7 +88,8 @@ def _importance(result: ShapResult) -> np.ndarray:
 
 
 def _save(fig: Any, path: Path, tag: str, on_figure: FigureHook | None) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    # image overlays keep the tight bounding box (their panel grid has no fixed margins)
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tag.startswith("shap/image/") else None)
     if on_figure is not None:
         try:
             on_figure(tag, fig)
