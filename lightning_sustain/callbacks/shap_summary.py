@@ -108,7 +108,8 @@ class ShapSummary(Callback):
         time_budget_s: counted from the start of the hook (drawing rows included): no new
             chunk of rows is started once the next one would end past it; ``None`` for no
             limit. The time taken is logged and recorded.
-        batch_size: rows per forward/backward pass of the explainer (bounds memory).
+        batch_size: rows per forward/backward pass of the explainer (bounds memory);
+            ``None``: about 2**20 input elements per pass, 64 to 32768 rows.
         seed: seed for drawing rows and for the explainer's random draws.
         dirname: sub-directory of the log directory for the artefacts.
         write_feature_values: write raw feature values even when the DataModule marks its
@@ -141,7 +142,7 @@ class ShapSummary(Callback):
         additivity_target: float = 0.01,
         submodule: str | None = None,
         time_budget_s: float | None = 300.0,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         seed: int = 0,
         dirname: str = "shap",
         write_feature_values: bool = False,
@@ -174,7 +175,7 @@ class ShapSummary(Callback):
             ("num_background", num_background),
             ("num_samples", num_samples),
             ("npermutations", npermutations),
-            ("batch_size", batch_size),
+            ("batch_size", 1 if batch_size is None else batch_size),
             ("max_display", max_display),
             ("top_n", top_n),
         ):

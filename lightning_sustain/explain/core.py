@@ -58,6 +58,14 @@ logger = logging.getLogger(__name__)
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 _MAX_POINTS = 256  # quadrature points per path, at most
+# automatic batch size: about this many input elements per forward/backward pass
+_AUTO_BATCH_ELEMENTS = 2**20
+_AUTO_BATCH_ROWS = (64, 32768)
+
+
+def _auto_batch(elements_per_row: int) -> int:
+    lo, hi = _AUTO_BATCH_ROWS
+    return int(min(hi, max(lo, _AUTO_BATCH_ELEMENTS // max(1, elements_per_row))))
 
 
 @dataclass
@@ -543,7 +551,7 @@ def explain_model(
     npermutations: int = 10,
     permutation_max_features: int = 10,
     additivity_target: float = 0.01,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     time_budget_s: float | None = 300.0,
     seed: int = 0,
     feature_names: Sequence[str] | None = None,
@@ -583,7 +591,9 @@ def explain_model(
             this many features when DeepExplainer does not support the model.
         additivity_target: the additivity error aimed for, relative to the standard
             deviation of the model output; a larger error is logged as a warning.
-        batch_size: rows per forward/backward pass; bounds memory.
+        batch_size: rows per forward/backward pass; bounds memory. ``None``: about 2**20
+            input elements per pass (embedding elements for token models), between 64 and
+            32768 rows (fewer, larger passes are much faster for small models).
         time_budget_s: stop starting new chunks of rows when the next one would end past
             this budget (at least one chunk always runs). ``None``: no limit.
         seed: seed of the permutation explainer's random draws.
@@ -609,7 +619,7 @@ def explain_model(
         raise ValueError(
             f"Unknown explainer {explainer!r}; choose one of {', '.join(EXPLAINER_NAMES)}."
         )
-    for name, value in (("npermutations", npermutations), ("batch_size", batch_size)):
+    for name, value in (("npermutations", npermutations), ("batch_size", batch_size or 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}.")
     if nsamples is not None and not 1 <= nsamples <= _MAX_POINTS:
@@ -679,11 +689,14 @@ def explain_model(
         target = out_x.double()[:, out_idx] - base_t
         tolerance = additivity_target * std_t.clamp_min(1e-12)
         points_used: np.ndarray | None = None
+        rows_per_pass_given = batch_size
+        rows_per_pass = batch_size or _auto_batch(sum(int(t[0].numel()) for t in x))
         attributed_names = names
         data_list = [t.detach().cpu().numpy() for t in x_list]
 
         def run(which: str) -> tuple[list[np.ndarray], bool]:
-            nonlocal points_used, attributed_names, data_list
+            nonlocal points_used, attributed_names, data_list, rows_per_pass
+            batch_size = rows_per_pass
             if which == "deep":
                 return _deep_values(
                     adapted, bg, x, out_idx, batch_size=batch_size, deadline=deadline
@@ -710,6 +723,9 @@ def explain_model(
                         ends, swap.recorded, swap.calls = swap.recorded, [], 0
                         adapted(*bg)
                         refs, swap.recorded = swap.recorded, []
+                    if rows_per_pass_given is None:
+                        rows_per_pass = _auto_batch(sum(int(e[0].numel()) for e in ends))
+                        batch_size = rows_per_pass
 
                     def evaluate(points: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
                         swap.replace, swap.calls = points, 0
@@ -816,7 +832,7 @@ def explain_model(
         settings={
             "nsamples": _points_summary(points_used, nsamples, n_bg),
             "npermutations": npermutations if name == "permutation" else None,
-            "batch_size": batch_size,
+            "batch_size": rows_per_pass,
             "top_k_outputs": top_k_outputs,
             "sequence_reduction": sequence_reduction,
             "input_names": names,
