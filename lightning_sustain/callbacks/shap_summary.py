@@ -109,7 +109,7 @@ class ShapSummary(Callback):
             chunk of rows is started once the next one would end past it; ``None`` for no
             limit. The time taken is logged and recorded.
         batch_size: rows per forward/backward pass of the explainer (bounds memory);
-            ``None``: about 2**20 input elements per pass, 64 to 32768 rows.
+            ``None``: about 2**18 input elements per pass, 64 to 16384 rows.
         seed: seed for drawing rows and for the explainer's random draws.
         dirname: sub-directory of the log directory for the artefacts.
         write_feature_values: write raw feature values even when the DataModule marks its

@@ -59,8 +59,8 @@ Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 _MAX_POINTS = 256  # quadrature points per path, at most
 # automatic batch size: about this many input elements per forward/backward pass
-_AUTO_BATCH_ELEMENTS = 2**20
-_AUTO_BATCH_ROWS = (64, 32768)
+_AUTO_BATCH_ELEMENTS = 2**18
+_AUTO_BATCH_ROWS = (64, 16384)
 
 
 def _auto_batch(elements_per_row: int) -> int:
@@ -591,9 +591,9 @@ def explain_model(
             this many features when DeepExplainer does not support the model.
         additivity_target: the additivity error aimed for, relative to the standard
             deviation of the model output; a larger error is logged as a warning.
-        batch_size: rows per forward/backward pass; bounds memory. ``None``: about 2**20
+        batch_size: rows per forward/backward pass; bounds memory. ``None``: about 2**18
             input elements per pass (embedding elements for token models), between 64 and
-            32768 rows (fewer, larger passes are much faster for small models).
+            16384 rows (fewer, larger passes are much faster for small models).
         time_budget_s: stop starting new chunks of rows when the next one would end past
             this budget (at least one chunk always runs). ``None``: no limit.
         seed: seed of the permutation explainer's random draws.
