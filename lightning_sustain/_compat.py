@@ -69,10 +69,8 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
     "set_num_threads_if_needed": (
         "lightning.fabric.utilities.distributed:_set_num_threads_if_needed",
     ),
-    # SHAP's DeepExplainer internals for PyTorch (explain/core.py, explain/selection.py)
-    "add_interim_values": ("shap.explainers._deep.deep_pytorch:add_interim_values",),
-    "deeplift_grad": ("shap.explainers._deep.deep_pytorch:deeplift_grad",),
-    "op_handler": ("shap.explainers._deep.deep_pytorch:op_handler",),
+    # (no SHAP private name is used any more: explain/deeplift.py carries its own DeepLIFT
+    # rules, checked against shap.DeepExplainer in tests/test_shap_explain.py)
 }
 
 # private members of public (or above) classes that the package overrides or reads;

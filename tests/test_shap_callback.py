@@ -109,7 +109,7 @@ def _trainer(tmp_path, callbacks, logger=False, **kw):
 
 def test_csv_logger_sensitive_data_model_and_rng_untouched(tmp_path):
     before, after = Recorder(), Recorder()
-    shap_cb = ShapSummary(num_background=20, num_samples=16, nsamples=30)
+    shap_cb = ShapSummary(num_background=20, num_samples=16)
     trainer = _trainer(tmp_path, [before, shap_cb, after], logger=CSVLogger(tmp_path))
     model = Net()
     trainer.fit(model, datamodule=TabularDM(sensitive=True))
@@ -118,9 +118,21 @@ def test_csv_logger_sensitive_data_model_and_rng_untouched(tmp_path):
     assert out == tmp_path / "lightning_logs" / "version_0" / "shap"
     summary = load_summary(out)
     assert summary["status"] == "ok"
-    assert summary["explainer"] == "gradient"  # SiLU/LayerNorm/reused ReLU rule out Deep
-    assert any("nn.SiLU" in r for r in summary["deep_unsupported"])
-    assert any("called 2 times" in r for r in summary["deep_unsupported"])
+    assert summary["explainer"] == "gradient"  # LayerNorm rules out DeepLIFT
+    assert any("nn.LayerNorm" in r for r in summary["deep_unsupported"])
+    # what a reader needs to reproduce and judge the values
+    assert summary["background"]["size"] == 20 and summary["background"]["seed"] == 0
+    assert len(summary["background"]["indices"]) == 20
+    assert set(summary["background"]["indices"]) <= set(range(64))
+    assert summary["nsamples"]["references_per_row"] == 20
+    assert summary["additivity"]["within_target"] is True
+    assert max(summary["additivity"]["relative_to_output_std"]) <= 0.01
+    window = summary["context"]["window"]
+    assert window["end_monotonic_s"] > window["start_monotonic_s"]
+    assert summary["total_s"] >= summary["explain_s"] > 0 and summary["plot_s"] > 0
+    assert shap_cb.energy_phase_windows() == [
+        ("shap", window["start_monotonic_s"], window["end_monotonic_s"])
+    ]
     assert [o["name"] for o in summary["outputs"]] == ["no", "yes"]
     assert {f["name"] for f in summary["outputs"][0]["top_features"]} <= set(FEATURES)
     assert summary["n_explained"] == 16 and summary["n_background"] == 20
@@ -216,7 +228,7 @@ class Scalar(pl.LightningModule):
 
 
 def test_no_logger_single_output_two_instances(tmp_path):
-    a = ShapSummary(num_background=10, num_samples=8, nsamples=20, dirname="shap_a",
+    a = ShapSummary(num_background=10, num_samples=8, nsamples=4, dirname="shap_a",
                     explainer="gradient")  # fmt: skip
     b = ShapSummary(num_background=10, num_samples=8, dirname="shap_b", explainer="permutation",
                     npermutations=2, feature_names=[f"g{i}" for i in range(12)])  # fmt: skip
@@ -320,5 +332,151 @@ def test_ddp_two_processes_write_once(tmp_path):
     summaries = list(root.rglob("summary.json"))
     assert summaries == [Path(ranks[0]["log_dir"]) / "shap" / "summary.json"]
     summary = load_summary(summaries[0])
-    assert summary["explainer"] == "gradient" and summary["n_explained"] == 8
+    assert summary["explainer"] == "deep" and summary["n_explained"] == 8
     assert len(list(root.rglob("shap_values.npz"))) == 1
+
+
+FAST_DEV_RUN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sustain import ShapSummary
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        def forward(self, x):
+            return self.net(x)
+        def training_step(self, batch, i):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def loaded():
+        return sorted(m for m in sys.modules if m.split(".")[0] in ("shap", "matplotlib"))
+
+    root, fast = sys.argv[1], sys.argv[2] == "fast"
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    before = loaded()
+    cb = ShapSummary(num_background=8, num_samples=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, fast_dev_run=fast, logger=False,
+                         default_root_dir=root, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(M(), DataLoader(TensorDataset(x, y), batch_size=16))
+    after = loaded()
+    print(json.dumps({"new": [m for m in after if m not in before],
+                      "shap": "shap" in sys.modules, "ran": cb.artefacts is not None}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_fast_dev_run_writes_nothing_and_imports_stay_lazy(tmp_path, mode):
+    script = tmp_path / "fdr.py"
+    script.write_text(FAST_DEV_RUN_SCRIPT)
+    root = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), str(root), mode], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if mode == "fast":
+        assert report == {"new": [], "shap": False, "ran": False}
+        assert not (root / "shap").exists()
+    else:
+        # the explanation ran; a ReLU MLP (DeepLIFT rules, own plots) needs no shap at all
+        assert report["ran"] is True
+        assert report["shap"] is False
+        assert (root / "shap" / "summary.json").is_file()
+
+
+class HookedNet(Net):
+    """Net with user hooks on every module and a registered buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.counts: dict[str, int] = {}
+        for name, module in self.named_modules():
+            module.register_forward_hook(self._count(f"fwd:{name}"))
+            module.register_forward_pre_hook(self._count(f"pre:{name}"))
+            module.register_full_backward_hook(self._count(f"bwd:{name}"))
+        self.fc1.weight.register_hook(self._count("tensor:fc1.weight"))
+
+    def _count(self, key):
+        def hook(*args):
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+        return hook
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("explainer", ["auto", "deep", "permutation"])
+def test_hook_counts_identical_with_and_without_shap(tmp_path, explainer):
+    def fit(callbacks):
+        pl.seed_everything(0)
+        model = HookedNet()
+        trainer = _trainer(tmp_path / str(len(callbacks)), callbacks, max_epochs=1)
+        trainer.fit(model, datamodule=TabularDM())
+        return model
+
+    without = fit([])
+    with_shap = fit([ShapSummary(num_background=8, num_samples=4, explainer=explainer,
+                                 npermutations=1)])  # fmt: skip
+    assert sum(without.counts.values()) > 0
+    assert with_shap.counts == without.counts
+    assert with_shap.calls.item() == without.calls.item()
+    summary = load_summary(tmp_path / "1" / "shap")
+    assert summary["status"] == "ok"
+    expected = "permutation" if explainer == "permutation" else "gradient"  # LayerNorm: no deep
+    assert summary["explainer"] == expected
+
+
+class DictDM(pl.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.rows = [
+            {"num": torch.randn(3, generator=g), "cat": torch.randn(2, generator=g), "y": i % 2}
+            for i in range(48)
+        ]
+
+    def train_dataloader(self):
+        return DataLoader(self.rows, batch_size=8)
+
+
+class DictNet(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb = nn.Linear(3, 2), nn.Linear(2, 2)
+
+    def forward(self, num, cat):
+        return self.fa(num) + self.fb(cat)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["num"], batch["cat"]), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_dict_batches_with_input_keys(tmp_path):
+    cb = ShapSummary(num_background=8, num_samples=6, input_keys=["num", "cat"])
+    trainer = _trainer(tmp_path, [cb], max_steps=2)
+    trainer.fit(DictNet(), datamodule=DictDM())
+    summary = load_summary(tmp_path / "shap")
+    assert summary["status"] == "ok", summary.get("error")
+    assert [i["name"] for i in summary["inputs"]] == ["num", "cat"]
+    assert summary["settings"]["keyword_inputs"] is True
+    with np.load(tmp_path / "shap" / "shap_values.npz") as npz:
+        assert npz["values__num"].shape == (6, 3, 2) and npz["values__cat"].shape == (6, 2, 2)
+    with pytest.raises(ValueError, match="not both"):
+        ShapSummary(input_key="num", input_keys=["cat"])

@@ -9,6 +9,13 @@ up (so other ranks can wait at a barrier), the dataloaders are still attached an
 loggers are still open. ``on_fit_end`` runs after the strategy's teardown, which has moved
 the model to the CPU and closed the data fetchers, and Lightning finalises the loggers right
 after it.
+
+Energy: the callback records the wall-clock window of its work (``time.monotonic()``, the
+clock the energy accountant marks with) in :attr:`ShapSummary.window` and in
+``summary.json`` (``context.window``), and lists it through
+:meth:`ShapSummary.energy_phase_windows` as ``("shap", start_s, end_s)``. An energy front
+end that finds callbacks with that method attributes the window's energy to its own
+``shap`` line instead of "other".
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from lightning_sustain.explain import (
     draw_samples,
     explain_model,
     first_loader,
+    load_summary,
     preserved_rng_state,
     write_artefacts,
 )
+from lightning_sustain.explain.selection import EXPLAINER_NAMES
 
 __all__ = ["ShapSummary"]
 
@@ -47,25 +56,31 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 class ShapSummary(Callback):
     """Explain the trained model with SHAP once, at the end of ``trainer.fit``.
 
-    Runs on global rank zero on a deep copy of the model with gradients enabled (other
-    ranks wait at a barrier), restores the global random state afterwards, and writes to
+    Runs on global rank zero on a deep copy of the model without the user's hooks, with
+    gradients enabled (other ranks wait at a barrier), restores the global random state
+    afterwards, and writes to
     ``<trainer.log_dir>/<dirname>/`` (``default_root_dir`` without a logger): beeswarm and
     bar plots per output (image inputs: attribution overlays instead of beeswarms),
     ``shap_values.npz``, ``summary.json`` and ``summary.md``. Plots also go to TensorBoard
-    when a ``TensorBoardLogger`` is in use. A failure is reported as a warning; it never
-    fails the fit.
+    when a ``TensorBoardLogger`` is in use. Token models get per-token attributions at
+    the embedding layer, ``tokens_<output>.png`` and ``tokens.md``. A failure is reported as
+    a warning; it never fails the fit. Nothing runs under ``fast_dev_run``; shap and the
+    plotting code are imported only when an explanation runs.
 
     Args:
-        explainer: ``"auto"``: permutation for tabular inputs with at most
-            ``permutation_max_features`` features or when the model has no input
-            gradients, expected gradients (SHAP's GradientExplainer estimator) otherwise.
-            ``"deep"``: DeepExplainer when every module of the model supports it (exactly
-            additive, deterministic), else expected gradients with the reasons recorded.
-            ``"gradient"`` and ``"permutation"`` force those.
+        explainer: ``"auto"`` prefers exactly additive methods: DeepExplainer's rules when
+            every module of the model has one, permutation for tabular inputs with at most
+            ``permutation_max_features`` features or without input gradients, expected
+            gradients at the embedding layer for token ids, and otherwise expected
+            gradients by quadrature over every background row (refined until the
+            additivity error is below ``additivity_target`` x std(f)).
+            ``"deep"``, ``"gradient"``, ``"embedding_gradient"`` and ``"permutation"``
+            force those (with a recorded fallback when impossible).
         num_background: background rows drawn from the training data.
         num_samples: rows explained, drawn from the validation data (training data, disjoint
             from the background, when there is no validation loader).
-        nsamples: expected-gradients draws per explained row.
+        nsamples: quadrature points per (row, background row) path for the gradient
+            explainers; ``None`` (default): adaptive, 8 to 256 points.
         npermutations: permutations per explained row for the permutation explainer.
         permutation_max_features: see ``explainer``.
         top_k_outputs: explain at most this many outputs of a multi-output model (the
@@ -77,11 +92,25 @@ class ShapSummary(Callback):
             ``output_names`` or ``class_names`` attribute, else ``output_0``...
         input_key: which element of a batch is the model input (index or dict key);
             default: the batch itself, element 0, or ``x``/``input``/``features``/... .
+        input_keys: several batch entries for a model whose forward takes several tensors:
+            indices of a tuple batch (passed positionally, in this order) or keys of a dict
+            batch (passed as keyword arguments named by the keys). One attribution array
+            per input.
+        embedding_layer: dotted path (relative to the explained module) of the embedding
+            layer for token inputs; default: the first ``nn.Embedding`` that runs.
+        token_names: vocabulary (id -> text) for token renderings; default: the
+            DataModule's ``token_names``/``vocab`` attribute, else ``tok<id>``.
+        sequence_reduction: for sequence outputs ``(N, T, K)`` / ``(N * T, K)``: explain
+            the ``"last"`` position (next-token prediction) or the ``"mean"``.
+        additivity_target: additivity error aimed for, relative to std(f); a larger one is
+            warned about and recorded.
         submodule: dotted attribute path of the module to explain (e.g. ``"model"``)
             instead of the LightningModule's own ``forward``.
-        time_budget_s: no new chunk of rows is started once the next one would end past
-            this many seconds; ``None`` for no limit. The time taken is logged.
-        batch_size: rows per forward/backward pass of the explainer (bounds memory).
+        time_budget_s: counted from the start of the hook (drawing rows included): no new
+            chunk of rows is started once the next one would end past it; ``None`` for no
+            limit. The time taken is logged and recorded.
+        batch_size: rows per forward/backward pass of the explainer (bounds memory);
+            ``None``: about 2**18 input elements per pass, 64 to 16384 rows.
         seed: seed for drawing rows and for the explainer's random draws.
         dirname: sub-directory of the log directory for the artefacts.
         write_feature_values: write raw feature values even when the DataModule marks its
@@ -94,10 +123,12 @@ class ShapSummary(Callback):
 
     def __init__(
         self,
-        explainer: Literal["auto", "gradient", "deep", "permutation"] = "auto",
+        explainer: Literal[
+            "auto", "gradient", "deep", "permutation", "embedding_gradient"
+        ] = "auto",
         num_background: int = 100,
         num_samples: int = 200,
-        nsamples: int = 200,
+        nsamples: int | None = None,
         npermutations: int = 10,
         permutation_max_features: int = 10,
         top_k_outputs: int | None = 3,
@@ -105,9 +136,14 @@ class ShapSummary(Callback):
         feature_names: list[str] | None = None,
         output_names: list[str] | None = None,
         input_key: int | str | None = None,
+        input_keys: list[int | str] | None = None,
+        embedding_layer: str | None = None,
+        token_names: list[str] | None = None,
+        sequence_reduction: Literal["last", "mean"] = "last",
+        additivity_target: float = 0.01,
         submodule: str | None = None,
         time_budget_s: float | None = 300.0,
-        batch_size: int = 1024,
+        batch_size: int | None = None,
         seed: int = 0,
         dirname: str = "shap",
         write_feature_values: bool = False,
@@ -117,17 +153,30 @@ class ShapSummary(Callback):
         top_n: int = 10,
     ) -> None:
         super().__init__()
-        if explainer not in ("auto", "gradient", "deep", "permutation"):
+        if explainer not in EXPLAINER_NAMES:
             raise ValueError(
-                f"ShapSummary(explainer={explainer!r}) is not one of 'auto', 'gradient', "
-                "'deep', 'permutation'."
+                f"ShapSummary(explainer={explainer!r}) is not one of "
+                f"{', '.join(map(repr, EXPLAINER_NAMES))}."
             )
+        if nsamples is not None and not (isinstance(nsamples, int) and 1 <= nsamples <= 256):
+            raise ValueError(f"ShapSummary(nsamples={nsamples!r}) must be in [1, 256] or None.")
+        if input_key is not None and input_keys is not None:
+            raise ValueError(
+                "ShapSummary: set input_key (one model input) or input_keys (several), not both."
+            )
+        if input_keys is not None and not input_keys:
+            raise ValueError("ShapSummary(input_keys=[]) must name at least one batch entry.")
+        if sequence_reduction not in ("last", "mean"):
+            raise ValueError(
+                f"ShapSummary(sequence_reduction={sequence_reduction!r}) must be 'last' or 'mean'."
+            )
+        if not additivity_target > 0:
+            raise ValueError(f"ShapSummary(additivity_target={additivity_target!r}) must be > 0.")
         for name, value in (
             ("num_background", num_background),
             ("num_samples", num_samples),
-            ("nsamples", nsamples),
             ("npermutations", npermutations),
-            ("batch_size", batch_size),
+            ("batch_size", 1 if batch_size is None else batch_size),
             ("max_display", max_display),
             ("top_n", top_n),
         ):
@@ -152,6 +201,11 @@ class ShapSummary(Callback):
         self.feature_names = list(feature_names) if feature_names is not None else None
         self.output_names = list(output_names) if output_names is not None else None
         self.input_key = input_key
+        self.input_keys = list(input_keys) if input_keys is not None else None
+        self.embedding_layer = embedding_layer
+        self.token_names = list(token_names) if token_names is not None else None
+        self.sequence_reduction = sequence_reduction
+        self.additivity_target = additivity_target
         self.submodule = submodule
         self.time_budget_s = time_budget_s
         self.batch_size = batch_size
@@ -164,6 +218,19 @@ class ShapSummary(Callback):
         self.top_n = top_n
         self.artefacts: ArtefactIndex | None = None
         self.last_dir: str | None = None
+        self.window: dict[str, float] | None = None
+
+    def energy_phase_windows(self) -> list[tuple[str, float, float]]:
+        """The windows of this callback's work, for energy attribution.
+
+        Returns:
+            ``[("shap", start_s, end_s)]`` in ``time.monotonic()`` seconds for the last
+            explanation on this process (empty before one ran, and on ranks that only
+            waited).
+        """
+        if self.window is None:
+            return []
+        return [("shap", self.window["start_monotonic_s"], self.window["end_monotonic_s"])]
 
     @property
     def state_key(self) -> str:
@@ -182,6 +249,8 @@ class ShapSummary(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Explain the trained model on rank zero; other ranks wait at a barrier."""
+        if trainer.fast_dev_run:
+            return  # a smoke test: nothing is written (Lightning's convention)
         # trainer.log_dir broadcasts from rank zero: every rank must call it
         base = trainer.log_dir or trainer.default_root_dir
         out_dir = Path(base) / self.dirname
@@ -193,20 +262,26 @@ class ShapSummary(Callback):
             )
             return
         if trainer.is_global_zero:
-            started = time.perf_counter()
+            started = time.monotonic()
+            started_unix = time.time()
             try:
                 with preserved_rng_state(), torch.inference_mode(False), torch.enable_grad():
-                    self.artefacts = self._explain(trainer, pl_module, out_dir)
+                    self.artefacts = self._explain(trainer, pl_module, out_dir, started)
                 self.last_dir = str(out_dir)
-                logger.info(
-                    "ShapSummary wrote %s in %.2f s.", out_dir, time.perf_counter() - started
-                )
+                logger.info("ShapSummary wrote %s in %.2f s.", out_dir, time.monotonic() - started)
             except Exception as err:
                 rank_zero_warn(
                     f"ShapSummary could not explain the model ({type(err).__name__}: {err}). "
                     "Training results are unaffected; see the message for what to change."
                 )
                 _write_failure(out_dir, err)
+            self.window = {
+                "start_monotonic_s": started,
+                "end_monotonic_s": time.monotonic(),
+                "start_unix_s": started_unix,
+                "end_unix_s": time.time(),
+            }
+            _record_window(out_dir, self.window)
         trainer.strategy.barrier("ShapSummary.on_train_end")
 
     def _target(self, pl_module: LightningModule) -> nn.Module:
@@ -227,7 +302,9 @@ class ShapSummary(Callback):
             )
         return target
 
-    def _explain(self, trainer: Trainer, pl_module: LightningModule, out_dir: Path) -> Any:
+    def _explain(
+        self, trainer: Trainer, pl_module: LightningModule, out_dir: Path, started: float
+    ) -> Any:
         datamodule = trainer.datamodule
         sensitive = bool(getattr(datamodule, "sensitive_data", False))
         feature_names = self.feature_names or _names(datamodule, ("feature_names",))
@@ -241,28 +318,38 @@ class ShapSummary(Callback):
         val = first_loader(trainer.val_dataloaders)
         if train is None:
             raise RuntimeError("the Trainer has no training dataloader to draw background from")
-        background, bg_idx = draw_samples(
-            train, self.num_background, seed=self.seed, input_key=self.input_key
-        )
+        keys = {"input_key": self.input_key, "input_keys": self.input_keys}
+        background, bg_idx = draw_samples(train, self.num_background, seed=self.seed, **keys)
         if val is not None:
             source = "validation"
-            inputs, _ = draw_samples(
-                val, self.num_samples, seed=self.seed + 1, input_key=self.input_key
-            )
+            inputs, _ = draw_samples(val, self.num_samples, seed=self.seed + 1, **keys)
         else:
             source = "train (no validation dataloader)"
             inputs, _ = draw_samples(
-                train, self.num_samples, seed=self.seed + 1, input_key=self.input_key,
-                exclude=bg_idx,
-            )  # fmt: skip
+                train, self.num_samples, seed=self.seed + 1, exclude=bg_idx, **keys
+            )
         if feature_names is not None and self.feature_names is None:
-            n_el = int(inputs[0].numel())
+            n_el = sum(
+                int(t[0].numel())
+                for t in (
+                    [inputs]
+                    if isinstance(inputs, torch.Tensor)
+                    else list(inputs.values() if isinstance(inputs, dict) else inputs)
+                )
+                if t.is_floating_point()
+            )
             if len(feature_names) != n_el:
                 rank_zero_warn(
                     f"The DataModule's feature_names has {len(feature_names)} names but inputs "
                     f"have {n_el} features per row; using generic names instead."
                 )
                 feature_names = None
+        budget = None
+        if self.time_budget_s is not None:
+            budget = max(1e-3, self.time_budget_s - (time.monotonic() - started))
+        input_names = None
+        if isinstance(inputs, tuple) and self.input_keys is not None:
+            input_names = [f"input_{k}" for k in self.input_keys]
         result = explain_model(
             self._target(pl_module),
             background,
@@ -273,14 +360,28 @@ class ShapSummary(Callback):
             nsamples=self.nsamples,
             npermutations=self.npermutations,
             permutation_max_features=self.permutation_max_features,
+            additivity_target=self.additivity_target,
             batch_size=self.batch_size,
-            time_budget_s=self.time_budget_s,
+            time_budget_s=budget,
             seed=self.seed,
             feature_names=feature_names,
             output_names=output_names,
             strict_output_names=self.output_names is not None,
+            input_names=input_names,
+            embedding_layer=self.embedding_layer,
+            sequence_reduction=self.sequence_reduction,
+            background_indices=bg_idx.tolist() if bg_idx is not None else None,
             detach=(trainer,),
         )
+        worst = max(result.additivity_relative_error, default=0.0)
+        if worst > self.additivity_target:
+            rank_zero_warn(
+                f"ShapSummary: SHAP values miss f(x) - E[f(x)] by up to {100 * worst:.2g} % of "
+                f"std(f) (target {100 * self.additivity_target:.2g} %); see "
+                "summary.json['additivity']. Raise time_budget_s, or explain fewer rows or "
+                "against fewer background rows."
+            )
+        token_names = self.token_names or _names(datamodule, ("token_names", "vocab"))
         tensorboard = next(
             (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None
         )
@@ -299,6 +400,7 @@ class ShapSummary(Callback):
             write_values=self.write_values,
             top_n=self.top_n,
             max_display=self.max_display,
+            token_names=token_names,
             context={
                 "epoch": trainer.current_epoch,
                 "global_step": trainer.global_step,
@@ -306,6 +408,7 @@ class ShapSummary(Callback):
                 "submodule": self.submodule,
                 "explained_rows_from": source,
                 "background_rows_from": "train",
+                "time_budget_s": self.time_budget_s,
             },
             on_figure=on_figure,
         )
@@ -321,6 +424,18 @@ def _names(datamodule: Any, attrs: tuple[str, ...]) -> list[str] | None:
         if names is not None:
             return [str(n) for n in names]
     return None
+
+
+def _record_window(out_dir: Path, window: dict[str, float]) -> None:
+    """Add the hook's wall-clock window and total time to summary.json."""
+    path = out_dir / "summary.json"
+    try:
+        summary = load_summary(path)
+        summary.setdefault("context", {})["window"] = window
+        summary["total_s"] = window["end_monotonic_s"] - window["start_monotonic_s"]
+        path.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    except (OSError, ValueError) as err:
+        logger.warning("Could not record the ShapSummary window in %s: %s", path, err)
 
 
 def _write_failure(out_dir: Path, err: BaseException) -> None:

@@ -1,7 +1,7 @@
 """SHAP explanations for PyTorch models: plain Python and torch, no Trainer inside.
 
 ``explain_model`` picks an explainer (:func:`select_explainer`), computes SHAP values on a
-detached copy of the model with the global random state preserved, and returns a
+hook-free copy of the model with the global random state preserved, and returns a
 :class:`ShapResult`; ``write_artefacts`` turns it into plots, ``shap_values.npz``,
 ``summary.json`` and ``summary.md``; ``load_summary`` reads the JSON back.
 """
@@ -12,21 +12,28 @@ from lightning_sustain.explain.artefacts import (
     load_summary,
     write_artefacts,
 )
-from lightning_sustain.explain.core import ShapResult, explain_model, input_kind
+from lightning_sustain.explain.core import Inputs, ShapResult, explain_model, input_kind
 from lightning_sustain.explain.model import (
     ModuleSnapshot,
     OutputAdapter,
     detached_copy,
     snapshot_module,
+    suspended_global_hooks,
 )
 from lightning_sustain.explain.rng import RngState, capture_rng_state, preserved_rng_state
-from lightning_sustain.explain.sampling import draw_samples, extract_input, first_loader
+from lightning_sustain.explain.sampling import (
+    draw_samples,
+    extract_input,
+    extract_inputs,
+    first_loader,
+)
 from lightning_sustain.explain.selection import (
     DeepSupport,
     ExplainerChoice,
     ExplainerName,
     check_deep_support,
     check_gradients,
+    find_embedding_layer,
     select_explainer,
 )
 
@@ -36,6 +43,7 @@ __all__ = [
     "DeepSupport",
     "ExplainerChoice",
     "ExplainerName",
+    "Inputs",
     "ModuleSnapshot",
     "OutputAdapter",
     "RngState",
@@ -47,11 +55,14 @@ __all__ = [
     "draw_samples",
     "explain_model",
     "extract_input",
+    "extract_inputs",
+    "find_embedding_layer",
     "first_loader",
     "input_kind",
     "load_summary",
     "preserved_rng_state",
     "select_explainer",
     "snapshot_module",
+    "suspended_global_hooks",
     "write_artefacts",
 ]

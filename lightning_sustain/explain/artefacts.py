@@ -7,7 +7,10 @@ Layout of an artefact directory::
     summary.md                the same, short, for humans
     beeswarm_<output>.png     tabular / tensor inputs
     image_<output>.png        image inputs: per-pixel attribution overlay
-    bar_<output>.png          mean |SHAP| per feature (per channel for images)
+    bar_<output>.png          mean |SHAP| per feature (per channel for images, per position
+                              for tokens)
+    tokens_<output>.png       token inputs: the tokens that matter most over all examples
+    tokens.md                 token inputs: each example's tokens, its top tokens marked
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,13 @@ from typing import Any
 import numpy as np
 
 from lightning_sustain.explain.core import ShapResult
+from lightning_sustain.explain.plots import (
+    bar_figure,
+    beeswarm_figure,
+    image_figure,
+    token_bar_figure,
+)
+from lightning_sustain.explain.tokens import render_examples, token_namer, top_tokens
 
 __all__ = ["SUMMARY_SCHEMA", "ArtefactIndex", "load_summary", "write_artefacts"]
 
@@ -44,6 +54,7 @@ class ArtefactIndex:
         summary_md: ``summary.md``.
         values_npz: ``shap_values.npz`` (``None`` when values were not written).
         plots: plot kind and output name -> PNG path, e.g. ``{"beeswarm/class_1": ...}``.
+        tokens_md: ``tokens.md`` for token inputs, else ``None``.
     """
 
     directory: Path
@@ -51,6 +62,7 @@ class ArtefactIndex:
     summary_md: Path
     values_npz: Path | None
     plots: dict[str, Path] = field(default_factory=dict)
+    tokens_md: Path | None = None
 
 
 def _slug(name: str) -> str:
@@ -75,97 +87,9 @@ def _importance(result: ShapResult) -> np.ndarray:
     return result.mean_abs()
 
 
-def _new_figure(width: float, height: float) -> Any:
-    # a pyplot-free figure: no GUI backend involved, nothing left in pyplot's registry
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def _beeswarm(result: ShapResult, k: int, show_values: bool, max_display: int) -> Any:
-    import shap
-
-    n = result.n_explained
-    values = result.values[..., k].reshape(n, -1)
-    data = result.data.reshape(n, -1) if show_values else None
-    exp = shap.Explanation(
-        values=values,
-        base_values=np.full(n, result.base_values[k]),
-        data=data,
-        feature_names=result.feature_names,
-    )
-    shown = min(max_display, values.shape[1])
-    fig = _new_figure(8.0, 0.4 * shown + 1.5)
-    ax = fig.add_subplot()
-    shap.plots.beeswarm(exp, max_display=max_display, ax=ax, show=False, plot_size=None)
-    title = f"SHAP values for {result.output_names[k]}"
-    if not show_values:
-        title += "\n(feature values withheld: sensitive data)"
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-def _bar(result: ShapResult, k: int, max_display: int) -> Any:
-    import shap
-
-    n = result.n_explained
-    if result.input_kind == "image":
-        values = result.values[..., k].sum(axis=(2, 3))  # (N, C)
-        names = [f"channel_{c}" for c in range(values.shape[1])]
-    else:
-        values = result.values[..., k].reshape(n, -1)
-        names = result.feature_names
-    exp = shap.Explanation(values=values, data=None, feature_names=names)
-    shown = min(max_display, values.shape[1])
-    fig = _new_figure(8.0, 0.4 * shown + 1.5)
-    ax = fig.add_subplot()
-    shap.plots.bar(exp, max_display=max_display, ax=ax, show=False)
-    ax.set_title(f"mean |SHAP| for {result.output_names[k]}")
-    fig.tight_layout()
-    return fig
-
-
-def _image_overlay(result: ShapResult, k: int, show_values: bool, max_rows: int) -> Any:
-    from matplotlib.colors import LinearSegmentedColormap
-
-    cmap = LinearSegmentedColormap.from_list("shap_rb", ["#008bfb", "#ffffff", "#ff0052"])
-    values = result.values[..., k].sum(axis=1)  # (N, H, W): channels summed
-    rows = min(max_rows, len(values))
-    n_cols = 2 if show_values else 1
-    fig = _new_figure(3.0 * n_cols + 1.0, 2.6 * (rows + 1))
-    vmax = float(np.nanpercentile(np.abs(values), 99.9)) or 1.0
-    # row 0: mean |SHAP| over all explained images (an aggregate, never raw data)
-    ax = fig.add_subplot(rows + 1, n_cols, 1)
-    im = ax.imshow(np.abs(values).mean(axis=0), cmap="magma")
-    ax.set_title(f"mean |SHAP| ({len(values)} images)", fontsize=9)
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    for r in range(rows):
-        col = 1
-        gray = None
-        if show_values:
-            img = result.data[r]
-            gray = img.mean(axis=0)
-            ax = fig.add_subplot(rows + 1, n_cols, (r + 1) * n_cols + col)
-            shown = np.moveaxis(img, 0, -1) if img.shape[0] in (3, 4) else gray
-            lo, hi = float(shown.min()), float(shown.max())
-            ax.imshow((shown - lo) / (hi - lo + 1e-12), cmap="gray")
-            ax.set_title(f"input {r}", fontsize=9)
-            ax.axis("off")
-            col += 1
-        ax = fig.add_subplot(rows + 1, n_cols, (r + 1) * n_cols + col)
-        if gray is not None:
-            ax.imshow(gray, cmap="gray", alpha=0.15)
-        im = ax.imshow(values[r], cmap=cmap, vmin=-vmax, vmax=vmax, alpha=0.85)
-        ax.set_title(f"SHAP, {result.output_names[k]}, input {r}", fontsize=9)
-        ax.axis("off")
-    fig.colorbar(im, ax=fig.axes, orientation="horizontal", fraction=0.03, label="SHAP value")
-    return fig
-
-
 def _save(fig: Any, path: Path, tag: str, on_figure: FigureHook | None) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    # image overlays keep the tight bounding box (their panel grid has no fixed margins)
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tag.startswith("shap/image/") else None)
     if on_figure is not None:
         try:
             on_figure(tag, fig)
@@ -183,23 +107,28 @@ def write_artefacts(
     top_n: int = 10,
     max_display: int = 20,
     max_image_rows: int = 4,
+    token_names: Sequence[str] | Mapping[int, str] | None = None,
+    max_token_examples: int = 20,
     context: dict[str, Any] | None = None,
     on_figure: FigureHook | None = None,
 ) -> ArtefactIndex:
-    """Write plots, ``shap_values.npz``, ``summary.json`` and ``summary.md``.
+    """Write plots, ``shap_values.npz``, ``summary.json`` and ``summary.md`` (+ ``tokens.md``).
 
     Args:
         result: what :func:`~lightning_sustain.explain.explain_model` returned.
         directory: where to write (created if missing).
         sensitive_data: the inputs came from protected data (e.g. encrypted shards). Raw
             feature values are then kept off disk: no ``data`` in the npz, beeswarm points
-            not coloured by feature value, image plots without the input image.
+            not coloured by feature value, image plots without the input image, no token
+            text (token plots and renderings are skipped; per-position bars remain).
         write_feature_values: write raw feature values even for sensitive data (opt-in).
         write_values: write ``shap_values.npz`` (per-row SHAP values). Note that for simple
             models per-row SHAP values can reveal inputs (linear: ``x = phi / w + E[x]``).
-        top_n: features per output listed in the summaries.
+        top_n: features (and tokens) per output listed in the summaries.
         max_display: features shown in beeswarm and bar plots.
         max_image_rows: example images per overlay plot.
+        token_names: vocabulary for token inputs (id -> text); default ``tok<id>``.
+        max_token_examples: examples rendered in ``tokens.md``.
         context: extra JSON-serialisable facts for ``summary.json`` (epoch, step...).
         on_figure: called as ``on_figure(tag, figure)`` before each figure is closed, e.g.
             to log it to TensorBoard.
@@ -211,20 +140,56 @@ def write_artefacts(
     out.mkdir(parents=True, exist_ok=True)
     show_values = (not sensitive_data) or write_feature_values
     plots: dict[str, Path] = {}
+    labels = _feature_labels(result)
+    n = result.n_explained
+    namer = token_namer(token_names)
+    token_tops: list[list[Any]] = []
     t0 = time.perf_counter()
     for k, name in enumerate(result.output_names):
         slug = _slug(name)
+        flat = result.values[..., k].reshape(n, -1)
         if result.input_kind == "image":
-            fig = _image_overlay(result, k, show_values, max_image_rows)
+            fig = image_figure(
+                result.values[..., k], result.data if show_values else None, name, max_image_rows
+            )
             plots[f"image/{name}"] = out / f"image_{slug}.png"
             _save(fig, plots[f"image/{name}"], f"shap/image/{name}", on_figure)
+            channels = result.values[..., k].sum(axis=(2, 3))
+            fig = bar_figure(
+                channels,
+                [f"channel_{c}" for c in range(channels.shape[1])],
+                f"mean |SHAP| for {name}",
+                max_display,
+            )
+        elif result.input_kind == "tokens":
+            if show_values:
+                tops = top_tokens(
+                    [v[..., k] for v in result.values_list], result.data_list, namer, max_display
+                )
+                token_tops.append(tops)
+                fig = token_bar_figure(
+                    [t.token for t in tops],
+                    [t.mean_abs_shap for t in tops],
+                    f"tokens that matter most for {name}",
+                )
+                plots[f"tokens/{name}"] = out / f"tokens_{slug}.png"
+                _save(fig, plots[f"tokens/{name}"], f"shap/tokens/{name}", on_figure)
+            fig = bar_figure(flat, labels, f"mean |SHAP| per position for {name}", max_display)
         else:
-            fig = _beeswarm(result, k, show_values, max_display)
+            title = f"SHAP values for {name}"
+            if not show_values:
+                title += "\n(feature values withheld: sensitive data)"
+            data = result.data.reshape(n, -1) if show_values else None
+            fig = beeswarm_figure(flat, data, labels, title, max_display)
             plots[f"beeswarm/{name}"] = out / f"beeswarm_{slug}.png"
             _save(fig, plots[f"beeswarm/{name}"], f"shap/beeswarm/{name}", on_figure)
-        fig = _bar(result, k, max_display)
+            fig = bar_figure(flat, labels, f"mean |SHAP| for {name}", max_display)
         plots[f"bar/{name}"] = out / f"bar_{slug}.png"
         _save(fig, plots[f"bar/{name}"], f"shap/bar/{name}", on_figure)
+    tokens_md: Path | None = None
+    if result.input_kind == "tokens" and show_values:
+        tokens_md = out / "tokens.md"
+        tokens_md.write_text(_tokens_markdown(result, namer, token_tops, max_token_examples))
     plot_s = time.perf_counter() - t0
 
     npz_path: Path | None = None
@@ -236,34 +201,52 @@ def write_artefacts(
             "model_output": result.model_output,
             "output_indices": np.asarray(result.output_indices, dtype=np.int64),
             "output_names": np.asarray(result.output_names, dtype=str),
-            "feature_names": np.asarray(_feature_labels(result), dtype=str),
+            "feature_names": np.asarray(labels, dtype=str),
             "input_shape": np.asarray(result.input_shape, dtype=np.int64),
+            "input_names": np.asarray(result.input_names, dtype=str),
         }
+        if len(result.values_list) > 1:
+            for input_name, values in zip(result.input_names, result.values_list, strict=True):
+                arrays[f"values__{input_name}"] = values
         if show_values:
             arrays["data"] = result.data
+            if len(result.data_list) > 1:
+                for input_name, data in zip(result.input_names, result.data_list, strict=True):
+                    arrays[f"data__{input_name}"] = data
         np.savez_compressed(npz_path, **arrays)
 
-    labels = _feature_labels(result)
     importance = _importance(result)
+    rel = result.additivity_relative_error
     outputs = []
     for k, name in enumerate(result.output_names):
         order = np.argsort(-importance[:, k])[:top_n]
-        outputs.append(
-            {
-                "index": result.output_indices[k],
-                "name": name,
-                "base_value": float(result.base_values[k]),
-                "additivity_max_abs_error": result.additivity_max_abs_error[k],
-                "top_features": [
-                    {"name": labels[i], "mean_abs_shap": float(importance[i, k])} for i in order
-                ],
-                "plots": {
-                    kind.split("/")[0]: path.name
-                    for kind, path in plots.items()
-                    if kind.split("/", 1)[1] == name
-                },
-            }
-        )
+        entry: dict[str, Any] = {
+            "index": result.output_indices[k],
+            "name": name,
+            "base_value": float(result.base_values[k]),
+            "output_std": result.output_std[k],
+            "additivity_max_abs_error": result.additivity_max_abs_error[k],
+            "additivity_relative_error": rel[k],
+            "top_features": [
+                {"name": labels[i], "mean_abs_shap": float(importance[i, k])} for i in order
+            ],
+            "plots": {
+                kind.split("/")[0]: path.name
+                for kind, path in plots.items()
+                if kind.split("/", 1)[1] == name
+            },
+        }
+        if token_tops:
+            entry["top_tokens"] = [
+                {
+                    "token_id": t.token_id,
+                    "token": t.token,
+                    "mean_abs_shap": t.mean_abs_shap,
+                    "occurrences": t.occurrences,
+                }
+                for t in token_tops[k][:top_n]
+            ]
+        outputs.append(entry)
     if not sensitive_data:
         privacy_note = "Inputs are not marked sensitive; feature values are written."
     elif write_feature_values:
@@ -275,9 +258,10 @@ def write_artefacts(
         privacy_note = (
             "Inputs come from sensitive data: raw feature values are not written (no `data` "
             "in shap_values.npz, beeswarm points not coloured by feature value, no input "
-            "images). SHAP values are derived from the data and can reveal inputs of simple "
-            "models."
+            "images, no token text). SHAP values are derived from the data and can reveal "
+            "inputs of simple models."
         )
+    ok = all(r <= result.additivity_target for r in rel)
     summary: dict[str, Any] = {
         "schema": SUMMARY_SCHEMA,
         "status": "ok",
@@ -286,11 +270,28 @@ def write_artefacts(
         "explainer_requested": result.requested_explainer,
         "selection_reasons": result.selection_reasons,
         "deep_unsupported": result.deep_unsupported,
+        "embedding_layer": result.embedding_layer,
         "input_kind": result.input_kind,
         "input_shape": list(result.input_shape),
+        "inputs": [
+            {"name": nm, "shape": list(v.shape[1:-1])}
+            for nm, v in zip(result.input_names, result.values_list, strict=True)
+        ],
         "n_background": result.n_background,
+        "background": {
+            "size": result.n_background,
+            "seed": result.seed,
+            "indices": result.background_indices,
+        },
         "n_explained": result.n_explained,
         "n_requested": result.n_requested,
+        "nsamples": result.settings.get("nsamples"),
+        "additivity": {
+            "max_abs_error": result.additivity_max_abs_error,
+            "relative_to_output_std": rel,
+            "target": result.additivity_target,
+            "within_target": ok,
+        },
         "budget_exhausted": result.budget_exhausted,
         "time_budget_s": result.time_budget_s,
         "explain_s": result.elapsed_s,
@@ -306,6 +307,7 @@ def write_artefacts(
         "files": {
             "values": npz_path.name if npz_path else None,
             "markdown": "summary.md",
+            "tokens": tokens_md.name if tokens_md else None,
             "plots": sorted(p.name for p in plots.values()),
         },
         "versions": _versions(),
@@ -315,16 +317,54 @@ def write_artefacts(
     json_path.write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     md_path = out / "summary.md"
     md_path.write_text(_markdown(summary))
-    return ArtefactIndex(out, json_path, md_path, npz_path, plots)
+    return ArtefactIndex(out, json_path, md_path, npz_path, plots, tokens_md)
+
+
+def _tokens_markdown(
+    result: ShapResult, namer: Any, token_tops: list[list[Any]], max_examples: int
+) -> str:
+    lines = ["# Token attributions", ""]
+    lines.append(
+        f"SHAP values per token at the embedding layer `{result.embedding_layer}` (summed over "
+        "the embedding dimension); the top tokens of each example are marked "
+        "**[token value]**."
+    )
+    lines.append("")
+    for k, name in enumerate(result.output_names):
+        lines += [f"## {name}", "", "Tokens that matter most over all examples:", ""]
+        lines += [
+            "| token | id | mean abs SHAP per example | occurrences |",
+            "|---|---:|---:|---:|",
+        ]
+        for t in token_tops[k]:
+            token = t.token.replace("|", "\\|")
+            lines.append(f"| {token} | {t.token_id} | {t.mean_abs_shap:.4g} | {t.occurrences} |")
+        lines.append("")
+        lines += render_examples(
+            [v[..., k] for v in result.values_list],
+            result.data_list,
+            result.input_names,
+            namer,
+            output_name=name,
+            model_output=result.model_output[:, k],
+            base_value=float(result.base_values[k]),
+            max_examples=max_examples,
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:
-    import shap
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     from lightning_sustain import __version__
 
-    return {"lightning_sustain": __version__, "shap": shap.__version__, "torch": torch.__version__}
+    try:
+        shap_version = version("shap")
+    except PackageNotFoundError:
+        shap_version = "not installed"
+    return {"lightning_sustain": __version__, "shap": shap_version, "torch": torch.__version__}
 
 
 def _markdown(s: dict[str, Any]) -> str:
@@ -340,12 +380,20 @@ def _markdown(s: dict[str, Any]) -> str:
         if s["budget_exhausted"]
         else ""
     )
+    add = s["additivity"]
+    worst = max(add["relative_to_output_std"], default=0.0)
     lines += [
         f"- Explained {s['n_explained']} rows against {s['n_background']} background rows "
         f"in {s['explain_s']:.2f} s (plots {s['plot_s']:.2f} s){budget}.",
+        f"- Additivity: sum(SHAP) misses f(x) - E[f(x)] by at most {100 * worst:.3g} % of "
+        f"std(f) (target {100 * add['target']:.3g} %"
+        + ("" if add["within_target"] else "; **missed**")
+        + ").",
         f"- Privacy: {s['privacy']['note']}",
         "",
     ]
+    if s["files"].get("tokens"):
+        lines += [f"Token renderings: [{s['files']['tokens']}]({s['files']['tokens']})", ""]
     for out in s["outputs"]:
         lines += [
             f"## {out['name']} (output {out['index']})",

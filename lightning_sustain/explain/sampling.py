@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["draw_samples", "extract_input", "first_loader"]
+__all__ = ["draw_samples", "extract_input", "extract_inputs", "first_loader"]
+
+Drawn = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,64 @@ def extract_input(batch: Any, key: int | str | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"The selected batch entry is a {type(value).__name__}, not a tensor; SHAP "
-            "summaries explain models with a single tensor input (set input_key)."
+            "summaries explain tensor inputs (set input_key, or input_keys for several)."
         )
     return value
+
+
+def extract_inputs(
+    batch: Any, input_key: int | str | None = None, input_keys: Sequence[int | str] | None = None
+) -> Drawn:
+    """Return the model input(s) of a batch: one tensor, or several for multi-input models.
+
+    Args:
+        batch: a tensor, a tuple/list ``(x, y, ...)`` or a mapping.
+        input_key: see :func:`extract_input` (single input).
+        input_keys: several indices (tuple/list batches: the model is called with them as
+            positional arguments, in this order) or keys (dict batches: the model is
+            called with them as keyword arguments).
+
+    Returns:
+        A tensor, a tuple of tensors or a dict ``{key: tensor}``.
+
+    Raises:
+        TypeError: when an entry is missing or not a tensor.
+        ValueError: when both ``input_key`` and ``input_keys`` are given.
+    """
+    if input_keys is None:
+        return extract_input(batch, input_key)
+    if input_key is not None:
+        raise ValueError("Set input_key (one input) or input_keys (several), not both.")
+    if not input_keys:
+        raise ValueError("input_keys must name at least one batch entry.")
+    values = [extract_input(batch, key) for key in input_keys]
+    if isinstance(batch, Mapping):
+        return {str(k): v for k, v in zip(input_keys, values, strict=True)}
+    return tuple(values)
+
+
+def _rows(drawn: Drawn) -> int:
+    if isinstance(drawn, torch.Tensor):
+        return len(drawn)
+    first = next(iter(drawn.values())) if isinstance(drawn, dict) else drawn[0]
+    return len(first)
+
+
+def _map(drawn: Drawn, fn: Any) -> Drawn:
+    if isinstance(drawn, torch.Tensor):
+        return fn(drawn)
+    if isinstance(drawn, dict):
+        return {k: fn(v) for k, v in drawn.items()}
+    return tuple(fn(v) for v in drawn)
+
+
+def _cat(parts: list[Drawn]) -> Drawn:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)  # type: ignore[arg-type]
+    if isinstance(first, dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}  # type: ignore[index]
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(len(first)))  # type: ignore[index]
 
 
 def first_loader(loaders: Any) -> Any:
@@ -100,7 +157,8 @@ def draw_samples(
     input_key: int | str | None = None,
     exclude: torch.Tensor | None = None,
     max_batches: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    input_keys: Sequence[int | str] | None = None,
+) -> tuple[Drawn, torch.Tensor | None]:
     """Draw ``n`` input rows from a dataloader, reproducibly, without touching global RNG.
 
     For a map-style ``DataLoader`` the rows are drawn uniformly without replacement from
@@ -117,10 +175,11 @@ def draw_samples(
         exclude: dataset indices not to draw (map-style only), e.g. the background rows
             when explained rows come from the same loader.
         max_batches: bound on batches read from an iterable loader.
+        input_keys: several inputs, see :func:`extract_inputs`.
 
     Returns:
-        ``(inputs, indices)``: the rows (on CPU) and, for map-style loaders, the dataset
-        indices drawn (``None`` otherwise).
+        ``(inputs, indices)``: the rows (on CPU; a tuple or dict for several inputs) and,
+        for map-style loaders, the dataset indices drawn (``None`` otherwise).
 
     Raises:
         ValueError: when ``n < 1`` or the loader yields no rows.
@@ -139,22 +198,23 @@ def draw_samples(
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n]]
         items = [loader.dataset[int(i)] for i in chosen]
         batch = loader.collate_fn(items)
-        return extract_input(batch, input_key).detach().cpu(), chosen
+        drawn = extract_inputs(batch, input_key, input_keys)
+        return _map(drawn, lambda t: t.detach().cpu()), chosen
 
-    rows: list[torch.Tensor] = []
+    rows: list[Drawn] = []
     total = 0
     batch_size = getattr(loader, "batch_size", None) or 1
     wanted_batches = min(max_batches, max(1, math.ceil(4 * n / batch_size)))
     for i, batch in enumerate(loader):
-        x = extract_input(batch, input_key).detach().cpu()
+        x = _map(extract_inputs(batch, input_key, input_keys), lambda t: t.detach().cpu())
         rows.append(x)
-        total += len(x)
+        total += _rows(x)
         if i + 1 >= wanted_batches and total >= n:
             break
         if i + 1 >= max_batches:
             break
     if total == 0:
         raise ValueError("The dataloader yielded no samples to explain.")
-    pool = torch.cat(rows)
-    chosen = torch.randperm(len(pool), generator=generator)[:n]
-    return pool[chosen], None
+    pool = _cat(rows)
+    chosen = torch.randperm(_rows(pool), generator=generator)[:n]
+    return _map(pool, lambda t: t[chosen]), None

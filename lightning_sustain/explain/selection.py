@@ -1,19 +1,18 @@
 """Choosing a SHAP explainer for a PyTorch model, and saying why.
 
-SHAP's ``DeepExplainer`` (DeepLIFT rescale rules) is exact-additive and deterministic, but
-only for models built from the ``nn.Module`` types in its ``op_handler`` table. Anything
-else is silently treated as identity ("unrecognized nn.Module" warning) and additivity
-breaks; a module that is *called twice* overwrites the input/output DeepExplainer stores on
-it; in-place operations break its full backward hooks; and functional nonlinearities
-(``F.relu``, ``F.silu``, ``x * x``) executed in a ``forward`` are invisible to it. The
-probe here runs one small forward pass and reports each of those cases by name.
+DeepLIFT (SHAP's ``DeepExplainer`` rules, :mod:`~lightning_sustain.explain.deeplift`) is
+exactly additive and deterministic, but only for models built from the ``nn.Module`` types
+it has a rule for. Anything else would be treated as identity and additivity would break;
+in-place operations break its rules; and functional nonlinearities (``F.relu``, ``x * x``)
+executed in a ``forward`` are invisible to it. The probe here runs one small forward pass
+and reports each of those cases by name.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_sustain.explain.deeplift import RULES
 from lightning_sustain.explain.model import OutputAdapter
 
 __all__ = [
@@ -30,13 +30,20 @@ __all__ = [
     "check_deep_support",
     "check_gradients",
     "deep_op_handler",
+    "find_embedding_layer",
     "select_explainer",
 ]
 
 logger = logging.getLogger(__name__)
 
-ExplainerName = Literal["auto", "gradient", "deep", "permutation"]
-EXPLAINER_NAMES: tuple[str, ...] = ("auto", "gradient", "deep", "permutation")
+ExplainerName = Literal["auto", "gradient", "deep", "permutation", "embedding_gradient"]
+EXPLAINER_NAMES: tuple[str, ...] = (
+    "auto",
+    "gradient",
+    "deep",
+    "permutation",
+    "embedding_gradient",
+)
 
 # Ops that act linearly on the input-dependent tensor (or only reshape / index it), so
 # DeepLIFT's chain rule through them is exact. `mul`/`matmul`-like ops are linear only
@@ -56,15 +63,11 @@ _BILINEAR_OPS = frozenset(
     {"mul", "rmul", "div", "truediv", "matmul", "rmatmul", "mm", "bmm", "linear",
      "einsum", "conv1d", "conv2d", "conv3d"}
 )  # fmt: skip
-# shap's handlers that store the module's input and output (module.x / module.y)
-_STATEFUL_HANDLERS = frozenset({"nonlinear_1d", "maxpool"})
 
 
-def deep_op_handler() -> dict[str, Any]:
-    """Return SHAP's DeepExplainer table ``{nn.Module class name: handler}`` for PyTorch."""
-    from lightning_sustain._compat import op_handler
-
-    return dict(op_handler)
+def deep_op_handler() -> dict[str, str]:
+    """Return the DeepLIFT table ``{nn.Module class name: rule name}``."""
+    return dict(RULES)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ class DeepSupport:
     """Whether SHAP's DeepExplainer can explain a model exactly, and if not, why not.
 
     Attributes:
-        supported: ``True`` when every executed leaf module is in DeepExplainer's table,
-            none is reused or in-place, and no nonlinear functional op runs outside them.
+        supported: ``True`` when every executed leaf module has a DeepLIFT rule, none
+            runs in place, and no nonlinear functional op runs outside them.
         reasons: one sentence per problem found, naming the module path or op.
     """
 
@@ -86,7 +89,7 @@ class ExplainerChoice:
     """The explainer that will run and the reasons for choosing it.
 
     Attributes:
-        name: ``"gradient"``, ``"deep"`` or ``"permutation"``.
+        name: ``"gradient"``, ``"deep"``, ``"permutation"`` or ``"embedding_gradient"``.
         requested: what the user asked for (``"auto"`` or a forced name).
         reasons: why this explainer (and not another) was chosen, in words.
         deep_unsupported: DeepExplainer's blockers found by :func:`check_deep_support`.
@@ -96,6 +99,7 @@ class ExplainerChoice:
     requested: str
     reasons: tuple[str, ...] = ()
     deep_unsupported: tuple[str, ...] = field(default_factory=tuple)
+    embedding_layer: str | None = None
 
 
 def _leaves(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -155,7 +159,9 @@ class _TopLevelOps(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def check_deep_support(model: nn.Module, example: torch.Tensor) -> DeepSupport:
+def check_deep_support(
+    model: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]
+) -> DeepSupport:
     """Probe whether SHAP's DeepExplainer supports every part of ``model``.
 
     Runs one forward pass on ``example`` (two rows are enough) with hooks that count leaf
@@ -165,7 +171,7 @@ def check_deep_support(model: nn.Module, example: torch.Tensor) -> DeepSupport:
 
     Args:
         model: the model as it will be explained (eval mode).
-        example: a small input batch.
+        example: a small input batch (a sequence of tensors for several inputs).
 
     Returns:
         A :class:`DeepSupport` listing every blocker found.
@@ -196,11 +202,12 @@ def check_deep_support(model: nn.Module, example: torch.Tensor) -> DeepSupport:
     try:
         for p in flags:
             p.requires_grad_(False)
-        probe = example.detach().clone()
-        if probe.is_floating_point():
-            probe.requires_grad_(True)
+        probes = [t.detach().clone() for t in _as_list(example)]
+        for probe in probes:
+            if probe.is_floating_point():
+                probe.requires_grad_(True)
         with torch.enable_grad(), recorder:
-            model(probe)
+            model(*probes)
     except Exception as err:
         reasons.append(f"the probe forward pass failed: {type(err).__name__}: {err}")
     finally:
@@ -213,55 +220,58 @@ def check_deep_support(model: nn.Module, example: torch.Tensor) -> DeepSupport:
         if calls[name] == 0:
             continue  # not part of the forward (a loss module, an unused head)
         cls = type(module).__name__
-        handler = handlers.get(cls)
-        if handler is None:
+        if cls not in handlers:
             reasons.append(
-                f"`{name}` is nn.{cls}, which DeepExplainer does not support (not in shap's "
-                "op_handler; it would pass gradients through unchanged and break additivity)"
+                f"`{name}` is nn.{cls}, which DeepExplainer does not support (no DeepLIFT "
+                "rule; passing gradients through unchanged would break additivity)"
             )
             continue
         if getattr(module, "inplace", False):
             reasons.append(
                 f"`{name}` ({cls}) runs in place (inplace=True), which breaks DeepExplainer's "
-                "full backward hooks"
-            )
-        if calls[name] > 1 and handler.__name__ in _STATEFUL_HANDLERS:
-            reasons.append(
-                f"`{name}` ({cls}) is called {calls[name]} times per forward; DeepExplainer "
-                "stores one input/output per module, so a reused activation gets wrong "
-                "multipliers"
+                "rules (the module's input is overwritten)"
             )
     for problem, count in recorder.problems.items():
         reasons.append(problem + (f" [x{count}]" if count > 1 else ""))
     return DeepSupport(supported=not reasons, reasons=tuple(reasons))
 
 
-def check_gradients(model: nn.Module, example: torch.Tensor) -> tuple[bool, str]:
-    """Check that the model's outputs have usable gradients with respect to its input.
+def _as_list(example: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [example] if isinstance(example, torch.Tensor) else list(example)
+
+
+def check_gradients(
+    model: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[bool, str]:
+    """Check that the model's outputs have usable gradients with respect to its inputs.
 
     Args:
         model: the model as it will be explained (eval mode, returning ``(N, K)``).
-        example: a few input rows (more rows make a false "all zero" less likely).
+        example: a few input rows (more rows make a false "all zero" less likely); a
+            sequence of tensors for several inputs.
 
     Returns:
         ``(available, reason)``; ``reason`` says why not when ``available`` is False.
     """
-    if not example.is_floating_point():
-        return False, f"the input dtype is {example.dtype}, not floating point"
-    probe = example.detach().clone().requires_grad_(True)
+    tensors = _as_list(example)
+    bad = [str(t.dtype) for t in tensors if not t.is_floating_point()]
+    if bad:
+        return False, f"the input dtype is {', '.join(bad)}, not floating point"
+    probes = [t.detach().clone().requires_grad_(True) for t in tensors]
     try:
         with torch.enable_grad():
-            out = model(probe)
+            out = model(*probes)
             if not out.requires_grad:
                 return False, "the output does not depend on the input through autograd"
-            (grad,) = torch.autograd.grad(out.sum(), probe, allow_unused=True)
+            grads = torch.autograd.grad(out.sum(), probes, allow_unused=True)
     except Exception as err:
         return False, f"backpropagating to the input failed: {type(err).__name__}: {err}"
-    if grad is None:
+    if all(g is None for g in grads):
         return False, "the output does not depend on the input through autograd"
-    if not torch.isfinite(grad).all():
+    used = [g for g in grads if g is not None]
+    if not all(bool(torch.isfinite(g).all()) for g in used):
         return False, "the input gradient has NaN/inf values"
-    if not bool(grad.abs().sum() > 0):
+    if not any(bool(g.abs().sum() > 0) for g in used):
         return False, (
             "the input gradient is zero everywhere on the probe batch (piecewise-constant "
             "ops such as round, argmax or comparisons)"
@@ -269,35 +279,90 @@ def check_gradients(model: nn.Module, example: torch.Tensor) -> tuple[bool, str]
     return True, ""
 
 
+def find_embedding_layer(
+    model: nn.Module, example: Sequence[torch.Tensor], name: str | None = None
+) -> tuple[str, nn.Module] | None:
+    """Find the embedding layer whose outputs token attributions are computed at.
+
+    Args:
+        model: the model as it will be explained.
+        example: a small input batch (one tensor per model input).
+        name: dotted path of the layer relative to the explained model (e.g.
+            ``"model.embedding"``); ``None``: the ``nn.Embedding``/``nn.EmbeddingBag``
+            modules called in one forward pass, the first one called.
+
+    Returns:
+        ``(path, module)``, or ``None`` when no embedding layer runs.
+
+    Raises:
+        ValueError: when ``name`` does not name a module of the model.
+    """
+    root = model.model if isinstance(model, OutputAdapter) else model
+    if name is not None:
+        try:
+            return name, root.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"embedding_layer={name!r} is not a submodule of {type(root).__name__} "
+                f"({err}); give the dotted path of the layer whose output is the token "
+                "embedding, e.g. 'model.embedding'."
+            ) from err
+    order: list[tuple[str, nn.Module]] = []
+    hooks = []
+    for path, module in root.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+
+            def hook(mod: nn.Module, args: Any, out: Any, path: str = path) -> None:
+                if all(p != path for p, _ in order):
+                    order.append((path, mod))
+
+            hooks.append(module.register_forward_hook(hook))
+    if not hooks:
+        return None
+    try:
+        with torch.no_grad():
+            model(*[t.detach() for t in example])
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return order[0] if order else None
+
+
 def select_explainer(
     model: nn.Module,
-    background: torch.Tensor,
+    background: torch.Tensor | Sequence[torch.Tensor],
     requested: str = "auto",
     *,
     permutation_max_features: int = 10,
+    embedding_layer: str | None = None,
 ) -> ExplainerChoice:
     """Pick the explainer for ``model`` and record why.
 
-    ``auto`` resolves as follows:
+    ``auto`` prefers the methods whose values add up exactly to ``f(x) - E[f(x)]``:
 
-    1. input gradients unavailable (integer inputs, non-differentiable ops) -> permutation;
-    2. tabular input ``(N, F)`` with ``F <= permutation_max_features`` -> permutation
-       (antithetic permutation sampling is exact for models with up to second-order
-       interactions and always additive, and few features keep it cheap);
-    3. otherwise -> gradient (expected gradients, SHAP's GradientExplainer estimator).
-       DeepExplainer's support is still probed and reported, so the summary says whether
-       ``explainer="deep"`` would work for this model and, if not, why not.
+    1. integer inputs (token ids) and an embedding layer -> ``embedding_gradient``
+       (expected gradients at the embedding output, summed over the embedding dimension);
+       integer inputs without one, or no usable input gradients -> ``permutation``;
+    2. every module has a DeepLIFT rule -> ``deep`` (exactly additive, deterministic, and
+       exact SHAP values for linear models);
+    3. one tabular input ``(N, F)`` with ``F <= permutation_max_features`` -> permutation
+       (antithetic permutation sampling: exactly additive, exact up to second-order
+       interactions);
+    4. otherwise -> ``gradient``: expected gradients integrated by quadrature along the path
+       to *every* background row (exact for linear models; the additivity error is measured
+       and the quadrature refined until it is below the target, see ``explain_model``).
 
-    ``deep`` runs DeepExplainer only when every module of the model is one it supports;
-    otherwise it falls back to ``gradient`` with a warning that lists the blockers.
-    ``deep``/``gradient`` without input gradients fall back to ``permutation``, also with a
-    warning. ``permutation`` is always honoured.
+    Forced ``deep`` falls back to ``gradient`` with a warning listing the blockers;
+    ``deep``/``gradient`` without input gradients fall back to ``embedding_gradient`` or
+    ``permutation``, also with a warning. ``permutation`` is always honoured.
 
     Args:
         model: the model in eval mode, returning ``(N, K)``.
-        background: background input rows (a few are used for probing).
-        requested: ``"auto"``, ``"gradient"``, ``"deep"`` or ``"permutation"``.
-        permutation_max_features: the "small tabular" threshold of rule 2.
+        background: background input rows (a few are used for probing); a sequence of
+            tensors for several inputs.
+        requested: one of ``EXPLAINER_NAMES``.
+        permutation_max_features: the "small tabular" threshold of rule 3.
+        embedding_layer: dotted path of the embedding layer for token inputs.
 
     Returns:
         The :class:`ExplainerChoice`.
@@ -309,9 +374,25 @@ def select_explainer(
         raise ValueError(
             f"Unknown explainer {requested!r}; choose one of {', '.join(EXPLAINER_NAMES)}."
         )
-    probe = background[: min(8, len(background))]
+    tensors = _as_list(background)
+    probe = [t[: min(8, len(t))] for t in tensors]
     if requested == "permutation":
         return ExplainerChoice("permutation", requested, ("forced by the user",))
+
+    if any(not t.is_floating_point() for t in tensors) or requested == "embedding_gradient":
+        found = find_embedding_layer(model, probe, embedding_layer)
+        if found is not None:
+            reason = (
+                f"token inputs: expected gradients at the output of the embedding layer "
+                f"`{found[0]}`, summed over the embedding dimension"
+            )
+            if requested not in ("auto", "embedding_gradient"):
+                logger.warning("explainer=%r cannot run on token ids: %s", requested, reason)
+            return ExplainerChoice("embedding_gradient", requested, (reason,), (), found[0])
+        reason = "integer inputs and no embedding layer ran; using permutation"
+        if requested != "auto":
+            logger.warning("explainer=%r cannot run: %s", requested, reason)
+        return ExplainerChoice("permutation", requested, (reason,))
 
     grads_ok, why_no_grads = check_gradients(model, probe)
     if not grads_ok:
@@ -320,45 +401,47 @@ def select_explainer(
             logger.warning("explainer=%r cannot run: %s", requested, reason)
         return ExplainerChoice("permutation", requested, (reason,))
 
-    n_features = int(background[0].numel())
-    if requested == "auto" and background.dim() == 2 and n_features <= permutation_max_features:
-        return ExplainerChoice(
-            "permutation",
-            requested,
-            (
-                f"tabular input with {n_features} <= {permutation_max_features} features: "
-                "permutation sampling is exact for up to second-order interactions and "
-                "additive",
-            ),
-        )
-    support = check_deep_support(model, background[: min(2, len(background))])
+    support = check_deep_support(model, [t[: min(2, len(t))] for t in tensors])
     if requested == "gradient":
         return ExplainerChoice("gradient", requested, ("forced by the user",), support.reasons)
+    if support.supported:
+        why = "every module of the model has a DeepLIFT rule"
+        return ExplainerChoice(
+            "deep",
+            requested,
+            (
+                ("requested, and " if requested == "deep" else "")
+                + why
+                + ": DeepExplainer's values add up exactly and are exact for linear models",
+            ),
+        )
     if requested == "deep":
-        if support.supported:
-            return ExplainerChoice(
-                "deep",
-                requested,
-                ("requested, and every module of the model is supported by DeepExplainer",),
-            )
         reason = "DeepExplainer cannot be used: " + "; ".join(support.reasons)
         logger.warning("explainer='deep' falls back to 'gradient'. %s", reason)
         return ExplainerChoice(
             "gradient",
             requested,
-            (reason, "using expected gradients (GradientExplainer's estimator) instead"),
+            (reason, "using expected gradients (GradientExplainer's estimand) instead"),
             support.reasons,
         )
-    if support.supported:
-        note = (
-            "DeepExplainer would also support this model (explainer='deep' gives exactly "
-            "additive, deterministic values)"
+    n_features = int(tensors[0][0].numel())
+    if len(tensors) == 1 and tensors[0].dim() == 2 and n_features <= permutation_max_features:
+        return ExplainerChoice(
+            "permutation",
+            requested,
+            (
+                f"tabular input with {n_features} <= {permutation_max_features} features and "
+                "DeepExplainer not exact here: permutation sampling is exactly additive and "
+                "exact for up to second-order interactions",
+            ),
+            support.reasons,
         )
-    else:
-        note = "DeepExplainer would not be exact here: " + "; ".join(support.reasons)
     return ExplainerChoice(
         "gradient",
         requested,
-        ("default: expected gradients (GradientExplainer's estimator)", note),
+        (
+            "expected gradients (GradientExplainer's estimand) by quadrature over every "
+            "background row: DeepExplainer would not be exact here: " + "; ".join(support.reasons),
+        ),
         support.reasons,
     )
