@@ -596,11 +596,16 @@ class SustainDDPStrategy(DDPStrategy):
         if self._guard is None:
             self._guard = PowerLimitGuard([gpu])
         try:
-            self._guard.set_limit_w(gpu, self._limit_w)  # no change: tests the permission
-            self._mode = _MODE_HARDWARE
-            ensure_sigterm_handler()
-        except PowerLimitPermissionError:
-            self._mode = _MODE_SOFTWARE
+            if self._guard.can_set_limits(gpu):  # sets the limit to itself: nothing journaled
+                self._mode = _MODE_HARDWARE
+                ensure_sigterm_handler()
+            else:
+                logger.info(
+                    "Rank power limits cannot be set on %s (NVML NO_PERMISSION; needs root): "
+                    "this rank is throttled in software when power is shifted.",
+                    gpu.uuid,
+                )
+                self._mode = _MODE_SOFTWARE
         except PowerLimitError as exc:
             warn_once("ddp-limit-failed", "Cannot set the power limit of %s: %s", gpu.uuid, exc)
             self._mode = _MODE_SOFTWARE
