@@ -61,6 +61,7 @@ __all__ = [
     "PowerLimitGuard",
     "RestoredLimit",
     "ensure_sigterm_handler",
+    "forget_owners",
     "journal_entries",
     "journal_path",
     "reap_dead_owners",
@@ -113,6 +114,7 @@ class LimitOwner:
     limit_w: float
 
     def same_process(self, other: LimitOwner) -> bool:
+        """Whether both records name one process (the caps may differ)."""
         return (self.host, self.pid, self.start_time) == (other.host, other.pid, other.start_time)
 
     def is_alive(self) -> bool:
@@ -131,6 +133,7 @@ class LimitOwner:
         return now is None or now == self.start_time
 
     def describe(self) -> str:
+        """The owner in words, for log lines and ``restore-limits``."""
         return f"pid {self.pid} on {self.host} (cap {self.limit_w:.0f} W)"
 
 
@@ -202,7 +205,7 @@ def _parse_owner(raw: Any) -> LimitOwner | None:
 
 
 def _read_journal() -> dict[str, dict[str, Any]]:
-    """uuid -> {"original_w": float, "owners": [LimitOwner, ...]} (version-1 files read too)."""
+    """The journal: uuid -> {"original_w", "owners"} (version-1 files are read too)."""
     try:
         data = json.loads(journal_path().read_text())
     except (OSError, ValueError):
@@ -364,6 +367,15 @@ def restore_orphaned_limits(devices: Iterable[NvmlGpu]) -> list[str]:
     return [r.uuid for r in reap_dead_owners(list(devices))]
 
 
+def forget_owners(uuids: Iterable[str]) -> None:
+    """Drop these GPUs from this host's journal (after their limits were reset by hand)."""
+    with _journal_locked():
+        journal = _read_journal()
+        for uuid in uuids:
+            journal.pop(uuid, None)
+        _write_journal(journal)
+
+
 def _has_dead_owner() -> bool:
     host = _hostname()
     return any(
@@ -430,8 +442,10 @@ def _install_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread; atexit still works
     current = signal.getsignal(signal.SIGTERM)
-    if current is _sigterm_handler or getattr(current, "signal_handlers", None) and any(
-        h is _sigterm_handler for h in current.signal_handlers
+    if (
+        current is _sigterm_handler
+        or getattr(current, "signal_handlers", None)
+        and any(h is _sigterm_handler for h in current.signal_handlers)
     ):
         return  # ours, directly or composed into a later handler
     _previous_sigterm = current

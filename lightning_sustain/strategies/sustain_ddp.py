@@ -63,7 +63,6 @@ from lightning_sustain.energy.discovery import warn_once
 from lightning_sustain.energy.errors import (
     EnergyMeasurementError,
     PowerLimitError,
-    PowerLimitPermissionError,
 )
 from lightning_sustain.energy.estimate import validate_positive_int
 from lightning_sustain.energy.meter import EnergyMeter
