@@ -65,6 +65,7 @@ __all__ = [
     "journal_entries",
     "journal_path",
     "reap_dead_owners",
+    "release_on_exit",
     "restore_orphaned_limits",
 ]
 
@@ -84,15 +85,22 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of process ``pid`` in clock ticks since boot (Linux), else None."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (state, ppid, ...), or None off Linux."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        fields = stat[stat.rindex(")") + 2 :].split()
+    except (OSError, ValueError):
         return None
+    return fields if len(fields) > 19 else None
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), else None."""
+    fields = _stat_fields(pid)
     try:
-        return int(stat[stat.rindex(")") + 2 :].split()[19])
-    except (ValueError, IndexError):
+        return None if fields is None else int(fields[19])
+    except ValueError:
         return None
 
 
@@ -127,10 +135,12 @@ class LimitOwner:
             return False
         except PermissionError:
             pass
-        if self.start_time is None:
+        fields = _stat_fields(self.pid)
+        if fields is not None and fields[0] in ("Z", "X"):
+            return False  # a zombie: killed, not yet reaped by its parent
+        if self.start_time is None or fields is None:
             return True
-        now = process_start_time(self.pid)
-        return now is None or now == self.start_time
+        return int(fields[19]) == self.start_time
 
     def describe(self) -> str:
         """The owner in words, for log lines and ``restore-limits``."""
@@ -321,6 +331,8 @@ def reap_dead_owners(devices: Iterable[NvmlGpu] | None = None) -> list[RestoredL
     """
     done: list[RestoredLimit] = []
     given = None if devices is None else {gpu.uuid: gpu for gpu in devices}
+    if not _has_dead_owner():  # the common case: one read of the journal, no lock
+        return done
     with _journal_locked():
         journal = _read_journal()
         changed = False
@@ -419,6 +431,35 @@ def _restore_all_guards() -> None:
             logger.debug("restoring power limits failed: %s", exc)
 
 
+def _children_owning_limits() -> list[int]:
+    me, host = str(os.getpid()), _hostname()
+    pids = []
+    for entry in _read_journal().values():
+        for owner in entry["owners"]:
+            fields = _stat_fields(owner.pid) if owner.host == host else None
+            if fields is not None and fields[1] == me and fields[0] not in ("Z", "X"):
+                pids.append(owner.pid)
+    return pids
+
+
+def release_on_exit(wait_for_children_s: float = 2.0) -> None:
+    """Release this process's caps and those of dead owners on this host.
+
+    Runs at interpreter exit (and from the DDP strategy's failure paths). Child processes
+    that hold caps and are being killed (Lightning SIGKILLs the other ranks on
+    KeyboardInterrupt) get up to ``wait_for_children_s`` to die, so their caps are
+    released here rather than by the next run.
+    """
+    _restore_all_guards()
+    try:
+        deadline = time.monotonic() + wait_for_children_s
+        while _children_owning_limits() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reap_dead_owners()
+    except Exception as exc:  # pragma: no cover - best effort at exit
+        logger.debug("releasing dead owners' power limits failed: %s", exc)
+
+
 def _sigterm_handler(signum: int, frame: Any) -> None:
     _restore_all_guards()
     previous = _previous_sigterm
@@ -437,7 +478,7 @@ def _sigterm_handler(signum: int, frame: Any) -> None:
 def _install_handlers() -> None:
     global _previous_sigterm, _handler_installed
     if not _handler_installed:
-        atexit.register(_restore_all_guards)
+        atexit.register(release_on_exit)
         _handler_installed = True
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread; atexit still works
@@ -630,6 +671,10 @@ class PowerLimitGuard:
         self._closed = True
         with _lock:
             _active_guards.discard(self)
+        try:
+            reap_dead_owners()  # e.g. a DDP peer that was SIGKILLed: this rank releases it
+        except Exception as exc:  # a safety net must not raise
+            logger.debug("releasing dead owners' power limits failed: %s", exc)
 
     def __enter__(self) -> PowerLimitGuard:
         return self

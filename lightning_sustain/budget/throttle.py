@@ -31,10 +31,11 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from lightning_sustain.energy.estimate import as_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ __all__ = ["SoftwareThrottle", "ThrottleStats"]
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    value = as_number(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}.")
