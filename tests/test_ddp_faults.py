@@ -28,12 +28,14 @@ MODES = ("normal", "exception", "sigint", "sigterm", "sigkill")
 SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
+    from datetime import timedelta
     import torch
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_sustain
     from lightning_sustain.callbacks.power_budget import PowerBudget
+    from lightning_sustain.strategies.sustain_ddp import SustainDDPStrategy
     from lightning_sustain.testing import SimulatedNVML
 
     CFG = json.loads(open(os.environ["FAULT_CONFIG"]).read())
@@ -75,7 +77,10 @@ SCRIPT = textwrap.dedent(
 
 
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="sustain_ddp", max_steps=CFG["max_steps"],
+        accelerator="cpu", devices=2, max_steps=CFG["max_steps"],
+        # a short collective timeout: Lightning's SIGTERM handler broadcasts from inside
+        # the handler, which can leave ranks blocked in mismatched collectives
+        strategy=SustainDDPStrategy(timeout=timedelta(seconds=20)),
         log_every_n_steps=2, logger=pl.loggers.CSVLogger(OUT, name="logs", version=0),
         callbacks=[PowerBudget(watts=CFG["watts"], mode="hardware")],
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
