@@ -76,17 +76,20 @@ SCRIPT = textwrap.dedent(
             return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
 
 
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, max_steps=CFG["max_steps"],
-        # a short collective timeout: Lightning's SIGTERM handler broadcasts from inside
-        # the handler, which can leave ranks blocked in mismatched collectives
-        strategy=SustainDDPStrategy(timeout=timedelta(seconds=20)),
-        log_every_n_steps=2, logger=pl.loggers.CSVLogger(OUT, name="logs", version=0),
-        callbacks=[PowerBudget(watts=CFG["watts"], mode="hardware")],
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=OUT,
-    )
-    trainer.fit(Model())
+    if __name__ == "__main__":
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, max_steps=CFG["max_steps"],
+            # a short collective timeout: Lightning's SIGTERM handler broadcasts from inside
+            # the handler, which can leave ranks blocked in mismatched collectives
+            strategy=SustainDDPStrategy(
+                timeout=timedelta(seconds=20), start_method=CFG["start_method"]
+            ),
+            log_every_n_steps=2, logger=pl.loggers.CSVLogger(OUT, name="logs", version=0),
+            callbacks=[PowerBudget(watts=CFG["watts"], mode="hardware")],
+            enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+            default_root_dir=OUT,
+        )
+        trainer.fit(Model())
     """
 )
 
@@ -103,12 +106,15 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def run_faulty_job(sim, tmp_path: Path, mode: str, rank: int, step: int, watts: float) -> dict:
+def run_faulty_job(
+    sim, tmp_path: Path, mode: str, rank: int, step: int, watts: float, start_method="popen"
+) -> dict:
     """Run one job with one injected ending; return what was observed."""
     out = tmp_path / "out"
     out.mkdir()
     config = {"out": str(out), "mode": mode, "rank": rank, "step": step, "watts": watts}
     config["max_steps"] = 14
+    config["start_method"] = start_method
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "job.py").write_text(SCRIPT)
     env = dict(os.environ)
@@ -215,3 +221,11 @@ def check_summary(result: dict, mode: str, rank: int) -> None:
     if mode == "sigkill":
         dead = next(r for r in rows if r["global_rank"] == rank)
         assert dead["final"] is False and dead["as_of_step"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["exception", "sigkill"])
+def test_spawn_restores_every_gpu_and_writes_the_summary(sim, tmp_path, mode):
+    result = run_faulty_job(sim, tmp_path, mode, 1, 5, 200.0, start_method="spawn")
+    check_restored(sim, tmp_path, result, mode, 1)
+    check_summary(result, mode, 1)
