@@ -169,7 +169,8 @@ def check_restored(sim, tmp_path: Path, result: dict, mode: str, rank: int) -> N
     journal = tmp_path / "journal.json"
     assert not journal.exists() or not json.loads(journal.read_text()).get("gpus"), where
     samples = result["samples"]
-    assert any(s[1] < 400.0 and s[2] < 400.0 for s in samples), "both GPUs were capped"
+    # each GPU was capped at some point (seen from outside, sampled every ~20 ms)
+    assert any(s[1] < 400.0 for s in samples) and any(s[2] < 400.0 for s in samples), where
     if mode == "sigkill":
         # the dead rank's GPU is restored within 10 s of its death (seen from outside)
         died = next((s[0] for s in samples if s[3 + rank] is False), None)
