@@ -241,3 +241,26 @@ def test_restore_limits_shows_what_and_whose_and_leaves_live_caps(sim, tmp_path)
     finally:
         live.end("close")
     assert sim.power_limit_w(1) == 400.0
+
+
+def test_sigterm_during_a_journal_update_restores_without_deadlock(sim, tmp_path):
+    script = tmp_path / "mid_update.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys
+            sys.path.insert(0, {str(REPO)!r})
+            from lightning_sustain.budget import limits
+            from lightning_sustain.energy.nvml import NvmlGpu
+            gpu = NvmlGpu(0)
+            guard = limits.PowerLimitGuard([gpu])
+            guard.set_limit_w(gpu, 190.0)
+            with limits._journal_locked():  # the signal lands while the file lock is held
+                os.kill(os.getpid(), signal.SIGTERM)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr.decode()[-2000:]
+    assert sim.power_limit_w(0) == 400.0
+    assert journal_entries() == {}

@@ -78,6 +78,7 @@ _active_guards: weakref.WeakSet[PowerLimitGuard] = weakref.WeakSet()
 _previous_sigterm: Any = None
 _handler_installed = False
 _watchdog: threading.Thread | None = None
+_lock_depth = 0  # how deep the thread holding _lock is inside _journal_locked
 
 
 # -- owners ----------------------------------------------------------------------------------
@@ -181,19 +182,23 @@ def journal_path() -> Path:
 @contextlib.contextmanager
 def _journal_locked() -> Iterator[None]:
     """Hold the thread lock and an exclusive file lock around a journal update."""
+    global _lock_depth
     with _lock:
         path = journal_path()
         handle = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError as exc:  # the journal is a safety net: work without the lock
-            logger.debug("could not lock the power-limit journal: %s", exc)
+        if _lock_depth == 0:  # re-entered (a SIGTERM handler mid-update): already held
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            except OSError as exc:  # the journal is a safety net: work without the lock
+                logger.debug("could not lock the power-limit journal: %s", exc)
+        _lock_depth += 1
         try:
             yield
         finally:
+            _lock_depth -= 1
             if handle is not None:
                 if fcntl is not None:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
