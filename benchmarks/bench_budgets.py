@@ -466,7 +466,7 @@ def bench_energy_matrix(runs: int, root: str) -> None:
                 kwargs = {"limit_val_batches": 0}
                 if val == "val":
                     kwargs = {"limit_val_batches": 4, "val_check_interval": 10,
-                              "num_sanity_val_steps": 2}  # fmt: skip
+                              "num_sanity_val_steps": 0}  # fmt: skip
                 t = pl.Trainer(
                     max_steps=10**6, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, enable_checkpointing=False,

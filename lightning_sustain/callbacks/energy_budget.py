@@ -190,9 +190,6 @@ class EnergyBudget(Callback):
         self.checkpoint_path: str | None = None
         #: this process's energy spent writing the stop checkpoint, in joules
         self.checkpoint_energy_j = 0.0
-        self._sanity_start_s: float | None = None
-        #: energy of one validation batch measured in the sanity check, in joules
-        self._val_batch_j: float | None = None
         self._reset_run()
 
     def _measure_checkpoint_cost(self, trainer: pl.Trainer) -> None:
@@ -432,15 +429,10 @@ class EnergyBudget(Callback):
             self._act(trainer, spent, lookahead_j, save=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            self._sanity_start_s = time.monotonic()
-        elif self._t_start_s is not None:
+        if self._t_start_s is not None and not trainer.sanity_checking:
             self._val_start_j = self._spent_run_j(time.monotonic())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            self._measure_sanity_check(trainer)
-            return
         if self._val_start_j is not None:
             # Lightning runs validation once more when a run stops early: keep room for it
             self._val_j = max(0.0, self._spent_run_j(time.monotonic()) - self._val_start_j)
@@ -538,8 +530,8 @@ class EnergyBudget(Callback):
 
         ``raise`` ends the run at once and ``warn`` keeps going, so only ``stop`` needs
         it, and only when Lightning validates in this epoch (it validates once more when
-        a run stops early). Before a validation run was measured: the energy per batch of
-        Lightning's sanity check (plus 50 %), else one training step per batch.
+        a run stops early). Before a validation run was measured, each validation batch
+        is bounded by a training step.
         """
         if self.action != "stop":
             return 0.0
@@ -554,22 +546,7 @@ class EnergyBudget(Callback):
             return self._val_j * 1.1
         batches = getattr(trainer, "num_val_batches", None) or []
         count = sum(b for b in batches if isinstance(b, (int, float)) and math.isfinite(b))
-        if self._val_batch_j is not None:  # measured in the sanity check, with a margin
-            return count * self._val_batch_j * 1.5
         return count * (self._next_step_j() or 0.0)
-
-    def _measure_sanity_check(self, trainer: pl.Trainer) -> None:
-        """Energy per validation batch from Lightning's sanity check (before training)."""
-        start, meter = self._sanity_start_s, self.meter
-        self._sanity_start_s = None
-        batches = sum(getattr(trainer, "num_sanity_val_batches", None) or [])
-        if start is None or meter is None or not batches:
-            return
-        end = time.monotonic()
-        meter.wait_until_covered(end, timeout_s=0.5)
-        energy_j = sum(meter.energy_between(start, end).values())
-        if energy_j > 0:
-            self._val_batch_j = energy_j / batches
 
     def _checkpoint_reserve_j(self) -> float:
         """Room for writing the stop checkpoint (``stop`` and ``raise`` save one).
