@@ -81,7 +81,7 @@ class Owner:
         else:  # close / raise / exit (atexit)
             self.proc.stdin.write(f"{how}\n")
             self.proc.stdin.flush()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=120)
 
 
 def _wait_for(predicate, timeout_s: float = 10.0) -> float:

@@ -164,13 +164,15 @@ def run_faulty_job(
 
 def check_restored(sim, tmp_path: Path, result: dict, mode: str, rank: int) -> None:
     where = f"mode={mode} rank={rank} rc={result['rc']}\n{result['stderr'][-3000:]}"
-    assert sim.power_limit_w(0) == 400.0, where
-    assert sim.power_limit_w(1) == 400.0, where
+    limits = (sim.power_limit_w(0), sim.power_limit_w(1))
+    assert limits == (400.0, 400.0), f"limits {limits} after the job; {where}"
     journal = tmp_path / "journal.json"
-    assert not journal.exists() or not json.loads(journal.read_text()).get("gpus"), where
+    text = journal.read_text() if journal.exists() else "{}"
+    assert not json.loads(text).get("gpus"), f"journal left: {text}; {where}"
     samples = result["samples"]
     # each GPU was capped at some point (seen from outside, sampled every ~20 ms)
-    assert any(s[1] < 400.0 for s in samples) and any(s[2] < 400.0 for s in samples), where
+    capped = any(s[1] < 400.0 for s in samples) and any(s[2] < 400.0 for s in samples)
+    assert capped, f"a GPU was never seen capped; {where}"
     if mode == "sigkill":
         # the dead rank's GPU is restored within 10 s of its death (seen from outside)
         died = next((s[0] for s in samples if s[3 + rank] is False), None)
