@@ -568,7 +568,9 @@ def bench_restore(runs: int, root: str) -> None:
                     journal = run_root / "journal.json"
                     ok = owner_ok and sim.power_limit_w(0) == 400.0 and not journal.exists()
             except Exception as exc:  # an assertion, or a process that did not end in time
-                print(f"  run {i}: {label}: FAILED {type(exc).__name__} {str(exc)[:160]} ... {str(exc)[-600:]}")
+                text = str(exc)
+                print(f"  run {i}: {label}: FAILED {type(exc).__name__} {text[:160]} ... "
+                      f"{text[-600:]}")  # fmt: skip
                 ok = False
         results.setdefault(label.split()[0] if kind != "ddp" else label.split()[1], []).append(ok)
         durations.setdefault(kind, []).append(time.monotonic() - t0)
