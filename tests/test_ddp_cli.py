@@ -195,7 +195,12 @@ print("strategy", type(cli.trainer.strategy).__name__)
     ("strategy_yaml", "callbacks", "works"),
     [
         ("\n    class_path: lightning_sustain.SustainDDPStrategy", True, True),
-        ("\n    class_path: lightning_sustain.SustainDDPStrategy", False, True),
+        pytest.param(
+            "\n    class_path: lightning_sustain.SustainDDPStrategy",
+            False,
+            True,
+            marks=pytest.mark.slow,
+        ),
         # a short name needs lightning_sustain imported first (here nothing imports it)
         (" sustain_ddp", False, False),
     ],
