@@ -1,6 +1,8 @@
 """Power and energy budget benchmarks (issue 3).
 
-Run:  .venv/bin/python benchmarks/bench_budgets.py [software|hardware|energy|all]
+Run:  .venv/bin/python benchmarks/bench_budgets.py
+      [software|hardware|energy|energy-matrix|restore|all] [--matrix-runs 50]
+      [--restore-runs 100]
       [--hardware-runs 200] [--software-seconds 30] [--repeats 2]
 
 Everything runs on CPU against the simulated NVML device, so every power and energy
@@ -394,14 +396,207 @@ def bench_energy(runs: int, root: str) -> None:
           f"{'MET' if ok else 'MISSED'}")  # fmt: skip
 
 
+# -- EnergyBudget matrix (issue 11) ------------------------------------------------------------
+class SquareModel(Model):
+    """Steps whose simulated GPU work follows a square wave (high/low every `period` steps),
+    with an optional validation step that keeps the device busy too."""
+
+    def __init__(self, sim, busy_s, period, low=0.3):
+        super().__init__(sim=sim, busy_s=busy_s)
+        self.period, self.low = period, low
+
+    def training_step(self, batch, batch_idx):
+        if self.period:
+            phase = (self.global_step // self.period) % 2
+            self.sim.busy(0, self.busy_s * (1.0 if phase == 0 else self.low))
+        else:
+            self.sim.busy(0, self.busy_s)
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.sim.busy(0, self.busy_s * 0.5)
+
+
+class EndTruth(Callback):
+    """Ground truth from train start to the end of training (stop checkpoint and the
+    validation run after a stop included; Lightning's teardown after it is not)."""
+
+    def __init__(self, sim):
+        self.sim, self.start, self.end, self.steps = sim, None, None, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.sim.ground_truth_energy_j(0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(self.sim.ground_truth_energy_j(0))
+
+    def on_train_end(self, trainer, pl_module):
+        # after the stop checkpoint and the validation run that follows a stop
+        self.end = self.sim.ground_truth_energy_j(0)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.end is None:  # raise: after the checkpoint written before raising
+            self.end = self.sim.ground_truth_energy_j(0)
+
+
+def bench_energy_matrix(runs: int, root: str) -> None:
+    """EnergyBudget over randomised runs: constant/square power, with/without validation,
+    stop/raise; overshoot = ground truth at the end of fit above the budget."""
+    from lightning_sustain.callbacks.energy_budget import BudgetExceeded
+
+    print(f"== EnergyBudget matrix: {runs} randomised runs (SIMULATED device, ground truth "
+          "to the end of training incl. the stop checkpoint and any validation)")  # fmt: skip
+    rnd = random.Random(11)
+    spec = SimulatedDeviceSpec(idle_power_w=20.0)
+    table: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    with SimulatedNVML([spec], counter_period_s=0.1) as sim:
+        pynvml.nvmlInit()
+        try:
+            for i in range(runs):
+                power = ("constant", "square")[i % 2]
+                val = ("no-val", "val")[(i // 2) % 2]
+                action = ("stop", "raise")[(i // 4) % 2]
+                busy_s = rnd.uniform(0.01, 0.03)
+                period = rnd.randint(3, 8) if power == "square" else 0
+                budget_j = rnd.uniform(20.0, 45.0) * 350.0 * busy_s
+                truth = EndTruth(sim)
+                budget = EnergyBudget(max_kwh=budget_j / 3.6e6, cpu="none", action=action,
+                                      checkpoint_dir=os.path.join(root, f"m{i}"))  # fmt: skip
+                kwargs = {"limit_val_batches": 0}
+                if val == "val":
+                    kwargs = {"limit_val_batches": 4, "val_check_interval": 10,
+                              "num_sanity_val_steps": 0}  # fmt: skip
+                t = pl.Trainer(
+                    max_steps=10**6, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False,
+                    default_root_dir=root, callbacks=[truth, budget], **kwargs,
+                )  # fmt: skip
+                model = SquareModel(sim, busy_s, period)
+                loaders = {"train_dataloaders": data(10**4)}
+                if val == "val":
+                    loaders["val_dataloaders"] = data(8)
+                try:
+                    t.fit(model, **loaders)
+                except BudgetExceeded:
+                    pass
+                spent = truth.end - truth.start
+                steps = [b - a for a, b in zip(truth.steps[:-1], truth.steps[1:], strict=True)]
+                step_j = med(steps[-16:])
+                waste = (budget_j - spent) / step_j
+                table.setdefault((power, val, action), []).append((spent - budget_j, waste))
+                print(f"  run {i:2d} {power:8s} {val:6s} {action:5s}: budget {budget_j:7.2f} J, "
+                      f"spent {spent:7.2f} J, step {step_j:5.2f} J, waste {waste:5.2f} steps, "
+                      f"stopped at step {t.global_step}")  # fmt: skip
+        finally:
+            pynvml.nvmlShutdown()
+    print()
+    print(f"  {'power':8s} {'val':6s} {'action':6s} {'runs':>4s} {'over':>4s} "
+          f"{'max over J':>10s} {'median waste':>12s} {'max waste':>9s}")  # fmt: skip
+    all_over, all_waste = 0, []
+    for (power, val, action), rows in sorted(table.items()):
+        over = sum(d > 0 for d, _ in rows)
+        all_over += over
+        all_waste += [w for _, w in rows]
+        print(f"  {power:8s} {val:6s} {action:6s} {len(rows):4d} {over:4d} "
+              f"{max(d for d, _ in rows):10.2f} {med([w for _, w in rows]):12.2f} "
+              f"{max(w for _, w in rows):9.2f}")  # fmt: skip
+    print(f"  all: {runs} runs, {all_over} over budget, median waste {med(all_waste):.2f} steps")
+    ok = all_over == 0 and med(all_waste) < 1.0
+    print(f"  target (0 overshoots, median waste < 1 step): {'MET' if ok else 'MISSED'}")
+
+
+# -- restored after every ending (issue 11) -------------------------------------------------
+def bench_restore(runs: int, root: str) -> None:
+    """Randomised jobs on the simulated device, limits persisting across processes: 2-rank
+    sustain_ddp jobs with a random ending at a random step on a random rank, two
+    overlapping single-GPU jobs ending in random ways, and refused limits."""
+    sys.path.insert(0, str(REPO))
+    import json as _json
+
+    from tests.test_budget_limits import Owner
+    from tests.test_ddp_faults import MODES, check_restored, run_faulty_job
+
+    print(f"== restore: {runs} randomised jobs (SIMULATED device)")
+    rnd = random.Random(12)
+    results: dict[str, list[bool]] = {}
+    durations: dict[str, list[float]] = {}
+    for i in range(runs):
+        kind = rnd.choice(["ddp", "ddp", "overlap", "refused"])
+        run_root = Path(root) / f"r{i}"
+        run_root.mkdir()
+        os.environ["LIGHTNING_SUSTAIN_LIMIT_JOURNAL"] = str(run_root / "journal.json")
+        t0 = time.monotonic()
+        label, ok = kind, False
+        with SimulatedNVML(2, counter_period_s=0.02) as sim:
+            try:
+                if kind == "ddp":
+                    mode, rank, step = rnd.choice(MODES), rnd.randrange(2), rnd.randrange(2, 10)
+                    label = f"ddp {mode} rank{rank}"
+                    result = run_faulty_job(sim, run_root, mode, rank, step, 200.0)
+                    check_restored(sim, run_root, result, mode, rank)
+                    ok = True
+                elif kind == "overlap":
+                    a, b = Owner(run_root, 250.0), Owner(run_root, 180.0)
+                    ends = [rnd.choice(["close", "raise", "exit", "sigterm", "sigkill"])
+                            for _ in range(2)]  # fmt: skip
+                    first, last = (a, b) if rnd.random() < 0.5 else (b, a)
+                    label = f"overlap {ends[0]}+{ends[1]}"
+                    ok_live = sim.power_limit_w(0) == 180.0
+                    first.end(ends[0])
+                    deadline = time.monotonic() + 10
+                    while sim.power_limit_w(0) != last.limit_w and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    ok_live = ok_live and sim.power_limit_w(0) == last.limit_w
+                    last.end(ends[1])
+                    if ends[1] == "sigkill":  # nobody left: the next run restores it
+                        subprocess_run = __import__("subprocess").run
+                        subprocess_run([sys.executable, "-m", "lightning_sustain",
+                                        "restore-limits"], capture_output=True, cwd=REPO,
+                                       timeout=120)  # fmt: skip
+                    journal = run_root / "journal.json"
+                    empty = not journal.exists() or not _json.loads(journal.read_text())["gpus"]
+                    ok = ok_live and sim.power_limit_w(0) == 400.0 and empty
+                else:
+                    sim.set_limit_permitted(0, False)
+                    owner_ok = True
+                    try:
+                        Owner(run_root, 200.0)
+                        owner_ok = False  # a refused set must raise in the owner
+                    except AssertionError:
+                        pass
+                    journal = run_root / "journal.json"
+                    ok = owner_ok and sim.power_limit_w(0) == 400.0 and not journal.exists()
+            except Exception as exc:  # an assertion, or a process that did not end in time
+                text = str(exc)
+                print(f"  run {i}: {label}: FAILED {type(exc).__name__} {text[:160]} ... "
+                      f"{text[-600:]}")  # fmt: skip
+                ok = False
+        results.setdefault(label.split()[0] if kind != "ddp" else label.split()[1], []).append(ok)
+        durations.setdefault(kind, []).append(time.monotonic() - t0)
+        print(f"  run {i:3d}: {label:28s} restored={ok} ({time.monotonic() - t0:.1f} s)")
+    total = sum(sum(v) for v in results.values())
+    print()
+    print(f"  {'case':12s} {'runs':>4s} {'restored':>8s}")
+    for case, oks in sorted(results.items()):
+        print(f"  {case:12s} {len(oks):4d} {sum(oks):8d}")
+    print(f"  restored overall: {total}/{runs} ({100.0 * total / max(1, runs):.1f}%)")
+    for kind, values in durations.items():
+        print(f"  median wall time of a {kind} job: {med(values):.1f} s")
+    print(f"  target (100% restored): {'MET' if total == runs else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all",
-                        choices=["software", "hardware", "energy", "all"])  # fmt: skip
+                        choices=["software", "hardware", "energy", "energy-matrix", "restore",
+                                 "all"])  # fmt: skip
     parser.add_argument("--hardware-runs", type=int, default=200)
     parser.add_argument("--software-seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--energy-runs", type=int, default=12)
+    parser.add_argument("--matrix-runs", type=int, default=50)
+    parser.add_argument("--restore-runs", type=int, default=100)
     args = parser.parse_args()
     import logging
 
@@ -427,6 +622,10 @@ def main() -> None:
             bench_hardware(args.hardware_runs, root)
         if args.which in ("energy", "all"):
             bench_energy(args.energy_runs, root)
+        if args.which == "energy-matrix":
+            bench_energy_matrix(args.matrix_runs, root)
+        if args.which == "restore":
+            bench_restore(args.restore_runs, root)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,15 @@ class SustainCLI(LightningCLI):
 def _restore_limits_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-sustain restore-limits",
-        description="Restore GPU power limits that a killed run left capped (from the "
-        "journal that PowerLimitGuard keeps), or every GPU to its default limit with --all.",
+        description="Release GPU power caps whose owner process no longer runs (from this "
+        "host's journal), showing what is restored and whose cap it was; with --all, also "
+        "lift the caps of live owners and reset every GPU to its default limit.",
     )
-    parser.add_argument("--all", action="store_true", help="reset every GPU to its default")
+    parser.add_argument(
+        "--all", action="store_true", help="reset every GPU to its default, live owners too"
+    )
     args = parser.parse_args(list(argv))
-    from lightning_sustain.budget.limits import restore_orphaned_limits
+    from lightning_sustain.budget.limits import journal_entries, journal_path, reap_dead_owners
     from lightning_sustain.energy.errors import EnergyMeasurementError, PowerLimitError
     from lightning_sustain.energy.nvml import NvmlGpu, nvml_init, nvml_shutdown
 
@@ -79,19 +82,50 @@ def _restore_limits_main(argv: Sequence[str]) -> int:
     except EnergyMeasurementError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"journal: {journal_path()}")
+    changed = 0
     try:
-        restored = restore_orphaned_limits(gpus)
+        for result in reap_dead_owners(gpus):
+            changed += 1
+            owners = ", ".join(o.describe() for o in result.owners)
+            what = "its original limit" if result.original else "the lowest live cap"
+            print(
+                f"{result.uuid}: set to {result.limit_w:.0f} W ({what}); cap was held by "
+                f"{owners}, which no longer runs"
+            )
+        live = journal_entries()
+        for gpu in gpus:
+            entry = live.get(gpu.uuid)
+            if entry is None:
+                continue
+            owners = ", ".join(o.describe() for o in entry["owners"])
+            if not args.all:
+                print(
+                    f"{gpu.uuid}: capped at {gpu.power_limit_w():.0f} W by live {owners}: "
+                    "left alone (use --all to lift it)"
+                )
         if args.all:
+            from lightning_sustain.budget.limits import forget_owners
+
             for gpu in gpus:
-                gpu.set_power_limit_w(gpu.default_power_limit_w())
-                restored.append(gpu.uuid)
+                entry = live.get(gpu.uuid)
+                default_w = gpu.default_power_limit_w()
+                gpu.set_power_limit_w(default_w)
+                changed += 1
+                whose = (
+                    f"; lifted the caps of {', '.join(o.describe() for o in entry['owners'])}"
+                    if entry
+                    else ""
+                )
+                print(f"{gpu.uuid}: set to its default {default_w:.0f} W{whose}")
+            forget_owners([gpu.uuid for gpu in gpus])
     except PowerLimitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         for gpu in gpus:
             gpu.close()
-    print(f"restored {len(set(restored))} GPU power limit(s)")
+    print(f"restored {changed} GPU power limit(s)")
     return 0
 
 

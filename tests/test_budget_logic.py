@@ -95,9 +95,11 @@ def test_throttle_warns_when_target_is_below_idle(caplog):
     throttle = SoftwareThrottle(60.0, idle_power_w=70.0, max_sleep_s=0.5)
     with caplog.at_level(logging.WARNING):
         drive(throttle, plant, 5.0)
-    warnings = [r for r in caplog.records if "not above the idle power" in r.message]
+    warnings = [r for r in caplog.records if "Idling does not lower the power" in r.message]
     assert len(warnings) == 1
     assert throttle.debt_j <= 60.0 * throttle.window_s  # debt stays bounded
+    # the idle power is known, so it stops at once instead of idling after every step
+    assert throttle.throttled_s == 0.0 and not throttle.effective
 
 
 @pytest.mark.parametrize(

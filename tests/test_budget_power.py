@@ -106,44 +106,68 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
+    from lightning_sustain.budget.limits import ensure_sigterm_handler
     from lightning_sustain.callbacks.power_budget import PowerBudget
     from lightning_sustain.testing import SimulatedNVML
     from tests.helpers import TinyClassifier, loader
 
     sim = SimulatedNVML.attach()
+    budget = {budget!r}
+    order = {order!r}
 
     class Announce(Callback):
+        def on_train_start(self, trainer, pl_module):
+            if order == "after":  # our handler installed after Lightning's
+                ensure_sigterm_handler()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 3:
                 print("capped", sim.power_limit_w(0), flush=True)
 
+        def on_exception(self, trainer, pl_module, exception):
+            print("on_exception", type(exception).__name__, sim.power_limit_w(0), flush=True)
+
+    callbacks = [Announce()]
+    if budget:
+        callbacks.insert(0, PowerBudget(watts=150, mode="hardware"))
     trainer = pl.Trainer(max_epochs=1000, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False,
-                         limit_val_batches=0, default_root_dir={root!r},
-                         callbacks=[PowerBudget(watts=150, mode="hardware"), Announce()])
+                         limit_val_batches=0, default_root_dir={root!r}, callbacks=callbacks)
     trainer.fit(TinyClassifier(sim=sim, busy_s=0.005), loader())
-    print("fit returned", flush=True)
+    print("fit returned", trainer.state.status, flush=True)
     """
 )
 
 
-def test_sigterm_mid_epoch_restores_the_limit(sim, tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(CHILD.format(repo=str(REPO), root=str(tmp_path)))
+def _sigterm_run(sim, tmp_path, budget: bool, order: str) -> tuple[int, list[str]]:
+    script = tmp_path / f"train_{budget}_{order}.py"
+    script.write_text(CHILD.format(repo=str(REPO), root=str(tmp_path), budget=budget, order=order))
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         line = proc.stdout.readline().strip()
-        assert line == "capped 150.0", proc.stderr.read() if not line else line
-        assert sim.power_limit_w(0) == 150.0
+        assert line.startswith("capped"), proc.stderr.read() if not line else line
+        assert sim.power_limit_w(0) == (150.0 if budget else 400.0)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    return proc.returncode, out.split("\n")
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_sigterm_ends_the_run_as_without_power_budget(sim, tmp_path, order):
+    # Lightning's graceful path (SIGTERMException through on_exception) runs with and
+    # without PowerBudget, whichever handler was installed first; the cap is gone before
+    # on_exception runs, and the exit code is the same
+    rc_with, out_with = _sigterm_run(sim, tmp_path, True, order)
     assert sim.power_limit_w(0) == 400.0
+    rc_without, out_without = _sigterm_run(sim, tmp_path, False, order)
+    assert rc_with == rc_without
+    assert "on_exception SIGTERMException 400.0" in out_with
+    assert "on_exception SIGTERMException 400.0" in out_without
 
 
 def test_auto_falls_back_to_software_on_no_permission(sim, tmp_path, caplog):

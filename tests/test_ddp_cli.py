@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -159,3 +160,83 @@ def test_registration_is_idempotent():
         pl.Trainer(strategy="sustain_ddp", accelerator="cpu", devices=2, logger=False).strategy,
         SustainDDPStrategy,
     )
+
+
+PLAIN_CLI = """
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Model(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        x = torch.randn(64, 4)
+        return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+
+
+cli = LightningCLI(Model, run=False)
+print("strategy", type(cli.trainer.strategy).__name__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("strategy_yaml", "callbacks", "works"),
+    [
+        ("\n    class_path: lightning_sustain.SustainDDPStrategy", True, True),
+        pytest.param(
+            "\n    class_path: lightning_sustain.SustainDDPStrategy",
+            False,
+            True,
+            marks=pytest.mark.slow,
+        ),
+        # a short name needs lightning_sustain imported first (here nothing imports it)
+        (" sustain_ddp", False, False),
+    ],
+)
+def test_plain_user_cli_without_importing_lightning_sustain(
+    tmp_path, strategy_yaml, callbacks, works
+):
+    # a user's own LightningCLI script that never imports lightning_sustain: the
+    # class_path YAML documented in docs/ddp.md and the README works, the short name does not
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(PLAIN_CLI)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 1\n  logger: false\n"
+        f"  strategy:{strategy_yaml}\n"
+        + (
+            "  callbacks:\n    - class_path: lightning_sustain.EnergyMonitor\n"
+            "      init_args: {cpu: none, trace: false}\n"
+            if callbacks
+            else ""
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
+    if works:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "strategy SustainDDPStrategy" in proc.stdout
+    else:
+        assert proc.returncode != 0
+        assert "sustain_ddp" in proc.stderr

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from lightning_sustain.energy.carbon import CarbonIntensity, co2e_g, joules_to_kwh
+from lightning_sustain.energy.estimate import as_number
 
 __all__ = [
     "EnergyForecast",
@@ -24,11 +25,10 @@ __all__ = [
 
 
 def _non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    value = as_number(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
-    return float(value)
+    return value
 
 
 def planned_steps(

@@ -24,9 +24,10 @@ the feedback closes the remaining slack.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from lightning_sustain.energy.estimate import as_number
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ __all__ = ["PowerShiftingPolicy", "RankPowerState", "ShiftDecision", "split_budg
 
 
 def _finite(name: str, value: float, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    value = as_number(name, value)
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}.")
     if high is not None and value > high:

@@ -31,10 +31,11 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from lightning_sustain.energy.estimate import as_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ __all__ = ["SoftwareThrottle", "ThrottleStats"]
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    value = as_number(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}.")
@@ -133,7 +133,10 @@ class SoftwareThrottle:
         Raises:
             ValueError: the target is not a positive number.
         """
-        self._target_w = _positive("target_power_w", target_power_w)
+        new_target = _positive("target_power_w", target_power_w)
+        if new_target > self._target_w:
+            self._given_up = False  # a higher target may be reachable: measure again
+        self._target_w = new_target
         self._debt_j = self._clamp_debt(self._debt_j)
 
     def reset(self) -> None:
@@ -148,7 +151,7 @@ class SoftwareThrottle:
         self._measured_until_s: float | None = None
         # exponentially forgotten least-squares statistics of E = Pb * busy + Pi * idle
         self._s_bb = self._s_bi = self._s_ii = self._s_be = self._s_ie = 0.0
-        self._warned_unreachable = False
+        self._given_up = False
         self._fit: tuple[float, float] | None = None
 
     # -- model ----------------------------------------------------------------------------
@@ -281,21 +284,26 @@ class SoftwareThrottle:
         debt_j = self._debt_j + predicted_j - target * pending_s
         if debt_j <= 0:
             return 0.0
+        if self._given_up:
+            return 0.0
         margin_w = target - idle_w
+        if idle_known and (margin_w <= 0.02 * target or idle_w >= 0.95 * busy_w):
+            # measured: idling does not lower the power (enough) to reach the target, so
+            # every idle period would only add time and energy: stop throttling
+            self._given_up = True
+            logger.warning(
+                "Idling does not lower the power enough to reach the target: measured "
+                "%.1f W while idle, %.1f W while working, target %.1f W. The software "
+                "throttle stops (it would only make the run longer and use more energy); "
+                "raise the budget or use a hardware power limit.",
+                idle_w,
+                busy_w,
+                target,
+            )
+            return 0.0
         if margin_w <= 0.02 * target:
-            if not self._warned_unreachable:
-                self._warned_unreachable = True
-                logger.warning(
-                    "The power target %.1f W is not above the idle power (about %.1f W): "
-                    "idling cannot bring the mean down to it. Raise the budget; the "
-                    "throttle idles for max_sleep_s=%.2f s per step meanwhile.",
-                    target,
-                    idle_w,
-                    self.max_sleep_s,
-                )
-            sleep_s = self.max_sleep_s
-        else:
-            sleep_s = min(debt_j / margin_w, self.max_sleep_s)
+            margin_w = 0.02 * target  # a guess of the idle power: probe, then measure
+        sleep_s = min(debt_j / margin_w, self.max_sleep_s)
         self._sleeps.append((now, now + sleep_s))
         self._throttled_s += sleep_s
         return sleep_s
@@ -307,6 +315,11 @@ class SoftwareThrottle:
         if self._window_s <= 0:
             return None
         return self._window_j / self._window_s
+
+    @property
+    def effective(self) -> bool:
+        """False once measurements showed that idling cannot reach the target (it stopped)."""
+        return not self._given_up
 
     @property
     def throttled_s(self) -> float:

@@ -41,6 +41,7 @@ from lightning_sustain.energy.carbon import (
 )
 from lightning_sustain.energy.estimate import (
     DEFAULT_WATTS_PER_CORE,
+    as_int,
     validate_positive,
     validate_positive_int,
 )
@@ -164,15 +165,15 @@ class EnergyBudget(Callback):
         if action not in ("stop", "warn", "raise"):
             raise ValueError(f"action={action!r} is not valid: use 'stop', 'warn' or 'raise'.")
         self.action = action
-        if (
-            isinstance(forecast_after_steps, bool)
-            or not isinstance(forecast_after_steps, int)
-            or forecast_after_steps < 2
-        ):
+        try:
+            forecast_ok = as_int("forecast_after_steps", forecast_after_steps) >= 2
+        except ValueError:
+            forecast_ok = False
+        if not forecast_ok:
             raise ValueError(
                 f"forecast_after_steps must be an integer >= 2, got {forecast_after_steps!r}."
             )
-        self.forecast_after_steps = forecast_after_steps
+        self.forecast_after_steps = int(forecast_after_steps)
         self.gpus = validate_gpu_selection(gpus)
         self.cpu = validate_cpu_selection(cpu)
         self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
@@ -192,7 +193,32 @@ class EnergyBudget(Callback):
         self.checkpoint_energy_j = 0.0
         self._reset_run()
 
+    def _measure_checkpoint_cost(self, trainer: pl.Trainer) -> None:
+        """Time writing this run's checkpoint (to memory) and price it at the recent power.
+
+        Stopping writes a checkpoint after the decision; its energy must be reserved. The
+        trial write serialises the same state Lightning saves (model, optimizers,
+        callbacks) with ``torch.save``; the time is priced at the busiest recent power.
+        """
+        import io
+
+        try:
+            start = time.monotonic()
+            state = {"state_dict": trainer.lightning_module.state_dict()}
+            state["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+            torch.save(state, io.BytesIO())
+            elapsed_s = time.monotonic() - start
+        except Exception as exc:  # never stop training because of the estimate
+            logger.debug("EnergyBudget could not time a checkpoint write: %s", exc)
+            return
+        power_w = max(self._recent_power_w(), 0.0)
+        step_j = self._tracker.next_step_j or 0.0
+        # file writes and Lightning's own bookkeeping: at least twice the in-memory time,
+        # and never less than a fifth of a step
+        self._checkpoint_cost_j = max(2.0 * elapsed_s * power_w, 0.2 * step_j)
+
     def _reset_run(self) -> None:
+        self._checkpoint_cost_j = 0.0
         self._t_start_s: float | None = None
         self._measured_j = 0.0
         self._measured_until_s = 0.0
@@ -363,6 +389,9 @@ class EnergyBudget(Callback):
             # once per run: wait (at most one counter period) until the first step is
             # measured, so every later decision knows what a step costs
             self.meter.wait_until_covered(now, timeout_s=0.5)
+        if self._tracker.steps == 2 and self.action != "warn" and self._checkpoint_cost_j == 0:
+            self._measure_checkpoint_cost(trainer)
+            now = time.monotonic()
         spent_local = self._spent_run_j(now, at_step_end=True)
         self._last_local_j = spent_local
         self._tracker.step(spent_local)
@@ -382,7 +411,12 @@ class EnergyBudget(Callback):
         # the next steps, the last validation run, and how much the unmeasured tail was
         # recently underestimated (self-calibrating margin for the counter's lag)
         margin_j = _upper_quartile(self._under_predicted) or 0.0
-        next_local = (self._next_step_j() or 0.0) * every + self._val_j + margin_j
+        next_local = (
+            (self._next_step_j() or 0.0) * every
+            + self._validation_reserve_j(trainer)
+            + self._checkpoint_reserve_j()
+            + margin_j
+        )
         spent_run, lookahead_j = self._cluster(trainer, [spent_local, next_local])
         spent = self.prior_spent_j + spent_run
         self._last_cluster = (spent, lookahead_j)
@@ -482,14 +516,48 @@ class EnergyBudget(Callback):
             previous = (n, t)
 
     def _next_step_j(self) -> float | None:
-        """A cautious estimate of the next step's energy, in joules.
+        """A conservative bound on the next step's energy, in joules.
 
-        The upper quartile of the last measured steps (so a step a little above the
-        typical one still fits); before any step is measured, the largest predicted one.
+        The largest of the last measured steps, with a 10 % margin (on a busy machine a
+        step can take longer than the typical one); before any step is measured, the
+        largest predicted one.
         """
         if len(self._step_energies) >= 2:
-            return _upper_quartile(self._step_energies)
+            return max(self._step_energies) * 1.1
         return self._tracker.next_step_j
+
+    def _validation_reserve_j(self, trainer: pl.Trainer) -> float:
+        """Room for the validation run that follows a stop, only when one will follow.
+
+        ``raise`` ends the run at once and ``warn`` keeps going, so only ``stop`` needs
+        it, and only when Lightning validates in this epoch (it validates once more when
+        a run stops early). Before a validation run was measured, each validation batch
+        is bounded by a training step.
+        """
+        if self.action != "stop":
+            return 0.0
+        try:
+            enabled = bool(trainer.enable_validation)
+        except Exception:  # no fit loop (a Trainer stub) or no data source yet
+            enabled = False
+        every = getattr(trainer, "check_val_every_n_epoch", 1)
+        if not enabled or (every is not None and (trainer.current_epoch + 1) % every != 0):
+            return 0.0
+        if self._val_j > 0:
+            return self._val_j * 1.1
+        batches = getattr(trainer, "num_val_batches", None) or []
+        count = sum(b for b in batches if isinstance(b, (int, float)) and math.isfinite(b))
+        return count * (self._next_step_j() or 0.0)
+
+    def _checkpoint_reserve_j(self) -> float:
+        """Room for writing the stop checkpoint (``stop`` and ``raise`` save one).
+
+        The cost measured when this run wrote one (a trial write after the warm-up, see
+        :meth:`_measure_checkpoint_cost`), with a 50 % margin.
+        """
+        if self.action == "warn":
+            return 0.0
+        return self._checkpoint_cost_j * 1.5
 
     def _measured_step_j(self) -> float | None:
         """Mean energy per step from the measured curve, after the start-up steps."""
@@ -564,6 +632,7 @@ class EnergyBudget(Callback):
             self.checkpoint_path = path
             # writing the checkpoint is the cost of stopping: say what it was
             self.checkpoint_energy_j = max(0.0, self._spent_run_j(time.monotonic()) - before_j)
+            self._checkpoint_cost_j = max(self._checkpoint_cost_j, self.checkpoint_energy_j)
         fits = steps_that_fit(budget_j - spent, lookahead_j) if lookahead_j > 0 else 0
         message = (
             f"Energy budget {self._budget_text()} reached: {self._describe(spent)} spent of "
@@ -596,8 +665,13 @@ class EnergyBudget(Callback):
         """Energy spent so far by all ranks (plus earlier runs), so a resume keeps counting."""
         local = 0.0
         if self._t_start_s is not None:
-            # never below what the last check counted (its tail estimate is step-aware)
-            local = max(self._spent_run_j(time.monotonic()), self._last_local_j)
+            # measured energy only (no predicted tail, no validation estimate): wait at most
+            # one counter period until the curves cover now, so a resume counts what was spent
+            now = time.monotonic()
+            if self.meter is not None:
+                self.meter.wait_until_covered(now, timeout_s=0.5)
+            self._spent_run_j(now)
+            local = self._measured_j
         step_j = self._next_step_j() or 0.0
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -29,6 +29,7 @@ from lightning_sustain.callbacks._devices import (
 )
 from lightning_sustain.energy.discovery import open_devices
 from lightning_sustain.energy.errors import PowerLimitError
+from lightning_sustain.energy.estimate import as_int, as_number, validate_positive
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.energy.nvml import NvmlGpu, open_gpus
 
@@ -75,23 +76,22 @@ class PowerLimitOptimizer(Callback):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}.")
-        if isinstance(max_slowdown, bool) or not isinstance(max_slowdown, (int, float)):
-            raise ValueError(f"max_slowdown must be a number >= 0, got {max_slowdown!r}.")
+        max_slowdown = as_number("max_slowdown", max_slowdown)
         if not 0 <= max_slowdown < 10:
             raise ValueError(f"max_slowdown must be in [0, 10), got {max_slowdown!r}.")
         for name, value, low in (
             ("warmup_steps", warmup_steps, 1),
             ("steps_per_limit", steps_per_limit, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if as_int(name, value) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        warmup_steps, steps_per_limit = int(warmup_steps), int(steps_per_limit)
         if limits_w is not None:
-            if not limits_w or any(
-                isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in limits_w
-            ):
+            if isinstance(limits_w, (str, bytes)) or not len(limits_w):
                 raise ValueError(
                     f"limits_w must be a non-empty list of watts > 0, got {limits_w!r}."
                 )
+            limits_w = [validate_positive(f"limits_w[{i}]", w) for i, w in enumerate(limits_w)]
         self.objective = objective
         self.max_slowdown = float(max_slowdown)
         self.limits_w = None if limits_w is None else [float(w) for w in limits_w]

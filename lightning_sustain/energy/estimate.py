@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 
@@ -23,21 +24,53 @@ logger = logging.getLogger(__name__)
 DEFAULT_WATTS_PER_CORE = 10.0
 
 
+def _unwrap_scalar(value: object) -> object:
+    """A numpy/torch scalar (or 0-d array/tensor) as the Python number it holds."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()  # type: ignore[union-attr]
+    return value
+
+
+def as_number(name: str, value: object) -> float:
+    """A finite real setting as float: Python, numpy and torch scalars accepted.
+
+    Raises:
+        ValueError: a bool, a non-number, NaN or an infinity; the message names the setting.
+    """
+    raw = _unwrap_scalar(value)
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    number = float(raw)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return number
+
+
+def as_int(name: str, value: object) -> int:
+    """An integer setting as int: Python, numpy and torch integer scalars accepted.
+
+    Raises:
+        ValueError: a bool or a non-integer; the message names the setting.
+    """
+    raw = _unwrap_scalar(value)
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    return int(raw)
+
+
 def validate_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     """Check a numeric setting and return it as float.
 
     Args:
         name: the setting's name, used in the error message.
-        value: the value given by the user.
+        value: the value given by the user (numpy and torch scalars accepted).
         allow_zero: accept 0.
 
     Raises:
         ValueError: the value is not a finite number, negative, or zero when not allowed.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    number = float(value)
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+    number = as_number(name, value)
+    if number < 0 or (number == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
     return number
@@ -49,9 +82,15 @@ def validate_positive_int(name: str, value: int | None) -> int | None:
     Raises:
         ValueError: the value is not an integer >= 1 (booleans are refused).
     """
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is None:
+        return None
+    try:
+        number = as_int(name, value)
+    except ValueError:
+        number = 0
+    if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
+    return number
 
 
 class CpuTimeEstimate(EnergyDevice):

@@ -23,6 +23,7 @@ On top it:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -32,6 +33,11 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import lightning.pytorch as pl
 import torch
@@ -54,6 +60,7 @@ from lightning_sustain._compat import set_num_threads_if_needed as _set_num_thre
 from lightning_sustain.budget.limits import (
     PowerLimitGuard,
     ensure_sigterm_handler,
+    reap_dead_owners,
     restore_orphaned_limits,
 )
 from lightning_sustain.budget.shifting import PowerShiftingPolicy, RankPowerState
@@ -61,9 +68,8 @@ from lightning_sustain.energy.discovery import warn_once
 from lightning_sustain.energy.errors import (
     EnergyMeasurementError,
     PowerLimitError,
-    PowerLimitPermissionError,
 )
-from lightning_sustain.energy.estimate import validate_positive_int
+from lightning_sustain.energy.estimate import as_number, validate_positive, validate_positive_int
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.energy.nvml import NvmlGpu, nvml_init, nvml_shutdown
 
@@ -135,6 +141,20 @@ def restore_node_limits() -> list[str]:
         for gpu in gpus:
             gpu.close()
         nvml_shutdown()
+
+
+@contextlib.contextmanager
+def _summary_lock(path: Path) -> Any:
+    """An exclusive lock next to ``path`` while surviving ranks merge a failure summary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class _RestoringProcessObserver(_ChildProcessObserver):
@@ -390,17 +410,11 @@ class SustainDDPStrategy(DDPStrategy):
                 "comm_hook and ddp_comm_hook are exclusive: pass a hook by name "
                 "(comm_hook='fp16') or as a callable (ddp_comm_hook=...), not both."
             )
-        validate_positive_int("shift_every_n_steps", shift_every_n_steps)
-        validate_positive_int("log_every_n_steps", log_every_n_steps)
-        if job_power_budget_w is not None and (
-            isinstance(job_power_budget_w, bool)
-            or not isinstance(job_power_budget_w, (int, float))
-            or not job_power_budget_w > 0
-        ):
-            raise ValueError(
-                "job_power_budget_w must be a positive number of watts, "
-                f"got {job_power_budget_w!r}."
-            )
+        shift_every_n_steps = validate_positive_int("shift_every_n_steps", shift_every_n_steps)
+        log_every_n_steps = validate_positive_int("log_every_n_steps", log_every_n_steps)
+        if job_power_budget_w is not None:
+            job_power_budget_w = validate_positive("job_power_budget_w", job_power_budget_w)
+        target_slack = as_number("target_slack", target_slack)
         if (shift_power or job_power_budget_w is not None) and not measure_wait:
             raise ValueError(
                 "Power shifting decides from the measured wait, so it needs measure_wait=True "
@@ -456,6 +470,10 @@ class SustainDDPStrategy(DDPStrategy):
         self._history: list[dict[str, Any]] = []
         self._last_summary: dict[str, Any] | None = None
         self._decisions = 0
+        self._summary_dir: Path | None = None
+        self._run_id = ""
+        self._known_ranks: list[dict[str, float]] = []
+        self._known_step = 0
 
     # -- registration ---------------------------------------------------------------------
     @classmethod
@@ -594,11 +612,16 @@ class SustainDDPStrategy(DDPStrategy):
         if self._guard is None:
             self._guard = PowerLimitGuard([gpu])
         try:
-            self._guard.set_limit_w(gpu, self._limit_w)  # no change: tests the permission
-            self._mode = _MODE_HARDWARE
-            ensure_sigterm_handler()
-        except PowerLimitPermissionError:
-            self._mode = _MODE_SOFTWARE
+            if self._guard.can_set_limits(gpu):  # sets the limit to itself: nothing journaled
+                self._mode = _MODE_HARDWARE
+                ensure_sigterm_handler()
+            else:
+                logger.info(
+                    "Rank power limits cannot be set on %s (NVML NO_PERMISSION; needs root): "
+                    "this rank is throttled in software when power is shifted.",
+                    gpu.uuid,
+                )
+                self._mode = _MODE_SOFTWARE
         except PowerLimitError as exc:
             warn_once("ddp-limit-failed", "Cannot set the power limit of %s: %s", gpu.uuid, exc)
             self._mode = _MODE_SOFTWARE
@@ -817,6 +840,10 @@ class SustainDDPStrategy(DDPStrategy):
         self._find_budget_callback(trainer)
         if self.shift_power:
             self._start_shifting(trainer)
+        if self.summary:
+            # resolved now, with every rank present: after a failure no collective is possible
+            self._summary_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+            self._run_id = str(self.broadcast(f"{os.getpid()}-{time.time_ns()}"))
         now = time.monotonic()
         self._train_start_s = now
         self._mark_s = now
@@ -891,6 +918,14 @@ class SustainDDPStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         try:
             self._restore_limits()
+            # a peer that died (SIGKILL, OOM killer) cannot release its caps: this rank
+            # does, now, without waiting for Lightning's process observer
+            reap_dead_owners()
+            if self.summary:
+                try:
+                    self._write_failure_summary(exception)
+                except Exception as exc:  # never mask the training error
+                    logger.warning("Could not write the DDP summary after a failure: %s", exc)
         finally:
             super().on_exception(exception)
 
@@ -987,6 +1022,8 @@ class SustainDDPStrategy(DDPStrategy):
         )
         metrics[f"{_METRIC_PREFIX}energy_j_total"] = sum(r["energy_j"] for r in ranks)
         self._history.append({"step": trainer.global_step, "ranks": entry_ranks})
+        self._known_ranks = [dict(r) for r in ranks]
+        self._known_step = trainer.global_step
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=trainer.global_step)
@@ -1075,6 +1112,97 @@ class SustainDDPStrategy(DDPStrategy):
             path = None
         # through Lightning's console logger, so that the table is seen like Lightning's own
         rank_zero_info(format_summary_table(summary) + (f"\nsummary: {path}" if path else ""))
+
+    def _write_failure_summary(self, exception: BaseException) -> None:
+        """Write ``ddp_summary.json`` after a failure, without any collective.
+
+        Every rank that sees the failure writes: its own figures measured now, the other
+        ranks' from the last gather (``final: false``, ``as_of_step``), and the ranks of
+        which nothing is known in ``missing_ranks``. A rank that finds the summary another
+        rank of this run already wrote keeps that rank's final figures.
+        """
+        trainer = self._trainer
+        if trainer is None or self._summary_dir is None or self._train_start_s is None:
+            return
+        world = max(1, trainer.world_size)
+        rank = trainer.global_rank
+        mine = dict(zip(_FIELDS, self._vector(reset=False), strict=True))
+        rows: dict[int, dict[str, Any]] = {}
+        for r, known in enumerate(self._known_ranks):
+            rows[r] = {
+                "global_rank": r,
+                "energy_j": known["energy_j"],
+                "steps": None,
+                "final": False,
+                "as_of_step": self._known_step,
+            }
+        rows[rank] = {
+            "global_rank": rank,
+            "energy_j": mine["energy_j"],
+            "steps": self._steps,
+            "final": True,
+            "as_of_step": trainer.global_step,
+            "hostname": os.uname().nodename if hasattr(os, "uname") else "",
+        }
+        path = self._summary_dir / SUMMARY_FILENAME
+        with _summary_lock(path):
+            try:
+                previous = json.loads(path.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if isinstance(previous, dict) and previous.get("run_id") == self._run_id:
+                for row in previous.get("ranks", []):
+                    r = int(row.get("global_rank", -1))
+                    if row.get("final") and not rows.get(r, {}).get("final"):
+                        rows[r] = row
+            ordered = [rows[r] for r in sorted(rows)]
+            total_j = float(sum(row["energy_j"] for row in ordered))
+            duration_s = time.monotonic() - self._train_start_s
+            provenances = sorted(
+                {i.provenance_label for i in (self._meter.device_infos if self._meter else [])}
+            )
+            summary = {
+                "schema": SUMMARY_SCHEMA,
+                "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "run_id": self._run_id,
+                "status": (
+                    "interrupted"
+                    if isinstance(exception, (SystemExit, KeyboardInterrupt))
+                    else "failed"
+                ),
+                "complete": False,
+                "error": type(exception).__name__,
+                "world_size": world,
+                "num_nodes": trainer.num_nodes,
+                "provenance": "+".join(provenances) if provenances else "none",
+                "ranks": ordered,
+                "missing_ranks": [r for r in range(world) if r not in rows],
+                "total": {
+                    "energy_j": total_j,
+                    "mean_power_w": total_j / duration_s if duration_s > 0 else 0.0,
+                    "duration_s": duration_s,
+                    "note": "sum of the ranks' figures known at the failure (rows with "
+                    "final=false are from the last gather; missing_ranks are not counted)",
+                },
+                "power_shifting": {
+                    "enabled": self.shift_power,
+                    "job_budget_w": self._budget_w,
+                    "rounds": self._decisions,
+                },
+            }
+            self._summary_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, path)
+        self._last_summary = summary
+        logger.info(
+            "DDP summary after %s on rank %d: %.1f J known, missing ranks %s: %s",
+            type(exception).__name__,
+            rank,
+            total_j,
+            summary["missing_ranks"] or "none",
+            path,
+        )
 
     def _gathered_totals(self, ranks: list[dict[str, float]]) -> list[dict[str, float]]:
         """Per-rank wait/step totals over the whole fit (gathered with the last window)."""
