@@ -633,6 +633,8 @@ class EnergyBudget(Callback):
             # writing the checkpoint is the cost of stopping: say what it was
             self.checkpoint_energy_j = max(0.0, self._spent_run_j(time.monotonic()) - before_j)
             self._checkpoint_cost_j = max(self._checkpoint_cost_j, self.checkpoint_energy_j)
+            # the checkpoint's energy is spent too: "spent" stays what a monitor measures
+            self._last_cluster = (spent + self.checkpoint_energy_j, self._last_cluster[1])
         fits = steps_that_fit(budget_j - spent, lookahead_j) if lookahead_j > 0 else 0
         message = (
             f"Energy budget {self._budget_text()} reached: {self._describe(spent)} spent of "
