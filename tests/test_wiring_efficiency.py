@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sustain import EnergyMonitor, EnergyRun
 from lightning_sustain.energy.carbon import resolve_carbon_intensity
 from lightning_sustain.energy.efficiency import count_step_flops
+from lightning_sustain.report.builder import _g, build_report
 from lightning_sustain.report.trace import read_summary
 from lightning_sustain.run import RankInfo
 from lightning_sustain.run.summary import add_efficiency, build_summary, empty_phases
@@ -202,6 +203,9 @@ def test_trainer_counts_flops_of_the_real_first_batch(tmp_path: Path, simulated_
     assert monitor.run.metrics["energy/j_per_tflop"] == pytest.approx(
         summary["totals"]["j_per_tflop"]
     )
+    report = Path(build_report(tmp_path).markdown_path).read_text()
+    assert f"| Energy per TFLOP | {_g(summary['totals']['j_per_tflop'])} J |" in report
+    assert "FlopCounterMode" in report and "Tokens per J" in report
 
 
 def test_trainer_flops_given_or_off(tmp_path: Path, simulated_nvml) -> None:
