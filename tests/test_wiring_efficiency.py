@@ -236,3 +236,20 @@ def test_trainer_nothing_countable_is_a_warning_not_an_error(
     summary = read_summary(tmp_path / "energy_summary.json")
     assert "train" not in summary["efficiency"]
     assert "no countable operation" in summary["efficiency"]["note"]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_flops_counted_per_rank_and_summed(tmp_path: Path, simulated_nvml) -> None:
+    """Real DDP (2 gloo processes): each rank counts its first batch; totals use rank-batches."""
+    from lightning_sustain.testing import SimulatedDeviceSpec
+    from tests.test_strategies_any import run_two_ranks
+
+    simulated_nvml([SimulatedDeviceSpec(), SimulatedDeviceSpec()], counter_period_s=0.02)
+    out = run_two_ranks(tmp_path, "ddp", max_steps=12, busy_s=0.02)
+    summary = read_summary(out / "logs" / "version_0" / "energy_summary.json")
+    assert summary["world_size"] == 2
+    assert summary["totals"]["batches"] == 12 and summary["totals"]["steps"] == 12  # per rank
+    # BusyModel: Linear(8, 2) on batches of 4, per rank
+    _check_figures(summary, _linear_train_flops(4, 8, 2), 24)
+    rows = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
+    assert any(r.get("energy/j_per_tflop") for r in rows)
