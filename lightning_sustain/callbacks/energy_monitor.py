@@ -205,6 +205,8 @@ class EnergyMonitor(Callback):
                 int(flops), method="given by the user (EnergyMonitor(flops=...)), per rank"
             )
         self.flops = flops
+        # phases whose first batch is still to be counted (checked per batch: a set lookup)
+        self._to_count: set[str] = {"train", "predict"} if flops is True else set()
         self.tokens_per_sample = (
             None
             if tokens_per_sample is None
@@ -320,17 +322,18 @@ class EnergyMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.run.begin_step()
-        if self.flops is True and "train" not in self.run.flops_per_step:
+        if self._to_count and "train" in self._to_count:
             self._start_flop_counter("train")
 
     # -- FLOPs and tokens ----------------------------------------------------------------
     def _start_flop_counter(self, phase: str) -> None:
         if self._flop_counter is not None:
             return
+        self._to_count.discard(phase)  # one try per phase, whatever happens
         try:
             self._flop_counter = _StepFlopCounter(phase)
         except Exception as exc:  # counting must never break training
-            self.flops = False
+            self._to_count.clear()
             self.run.flops_note = f"FLOPs not counted: {type(exc).__name__}: {exc}"
             logger.warning("EnergyMonitor: %s; efficiency figures left out.", self.run.flops_note)
 
@@ -342,7 +345,7 @@ class EnergyMonitor(Callback):
         try:
             total = counter.close()
         except Exception as exc:
-            self.flops = False
+            self._to_count.clear()
             self.run.flops_note = f"FLOPs not counted: {type(exc).__name__}: {exc}"
             logger.warning("EnergyMonitor: %s; efficiency figures left out.", self.run.flops_note)
             return
@@ -499,7 +502,7 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        if self.flops is True and "predict" not in self.run.flops_per_step:
+        if self._to_count and "predict" in self._to_count:
             self._start_flop_counter("predict")
 
     def on_predict_batch_end(
