@@ -253,3 +253,31 @@ def test_ddp_two_ranks_flops_counted_per_rank_and_summed(tmp_path: Path, simulat
     _check_figures(summary, _linear_train_flops(4, 8, 2), 24)
     rows = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
     assert any(r.get("energy/j_per_tflop") for r in rows)
+
+
+def test_fabric_set_flops_per_step_and_tokens(tmp_path: Path) -> None:
+    from lightning.fabric import Fabric
+
+    from lightning_sustain import FabricEnergyMonitor
+
+    monitor = FabricEnergyMonitor(
+        str(tmp_path), log_every_n_steps=4, nvml_devices="none", cpu="estimate", report=False
+    )
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[monitor])
+    model = torch.nn.Linear(12, 3)
+    x = torch.randn(6, 12)
+    monitor.set_flops_per_step(count_step_flops(model, x, tokens=6 * 10))
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    fabric.call("on_train_start")
+    for step in range(9):
+        fabric.backward(model(x).pow(2).mean())
+        optimizer.step()
+        optimizer.zero_grad()
+        time.sleep(0.002)
+        fabric.call("on_train_batch_end", samples=6, tokens=60, step=step)
+    fabric.call("on_train_end")
+    monitor.close()
+    summary = read_summary(tmp_path / "energy_summary.json")
+    assert summary["provenance"] == "estimated"
+    assert summary["totals"]["tokens"] == 9 * 60
+    _check_figures(summary, _linear_train_flops(6, 12, 3), 9)
