@@ -72,6 +72,8 @@ def test_constant_power_co2e_is_power_times_integral_of_intensity(tmp_path_facto
     t1 = t0 + summary["totals"]["duration_s"]
     tr = summary["carbon_time_resolved"]
     assert tr["status"] == "ok" and tr["fallback_fraction"] == 0.0
+    # the integration covers the stage's energy exactly (same curve, same end points)
+    assert tr["integrated_energy_j"] == pytest.approx(summary["totals"]["energy_j"], rel=1e-6)
     expected = power_w / 3.6e6 * _overlap_integral(t0, t1, start, step_s, values + [values[-1]])
     # started_at is kept to the millisecond: at most 1 ms x the largest intensity off
     slack = power_w / 3.6e6 * 0.002 * max(values)

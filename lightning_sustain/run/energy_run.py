@@ -249,6 +249,7 @@ class EnergyRun:
             pue=self.pue,
         )
         self._carbon_t: float | None = None  # monotonic time integrated up to (open stage)
+        self._carbon_stop: float | None = None  # the closing stage's end: never integrate past
         self._unix_offset_s = unix_offset_s()
         self._started_unix_s: float | None = None
         self._step_flops: dict[str, StepFlops] = {}
@@ -459,7 +460,7 @@ class EnergyRun:
             # the trace's times count from the (first) fit start of this process
             self._started_unix_s = now + self._unix_offset_s
         with self._lock:
-            self._carbon_t = now
+            self._carbon_t, self._carbon_stop = now, None
         self._stage_optimizer_steps = 0
         self._since_flush = 0
         if stage == "fit":
@@ -920,12 +921,14 @@ class EnergyRun:
             if meter is None or start is None or self._stage is None:
                 return
             end = until if until is not None else meter.latest_time_s()
+            if end is not None and self._carbon_stop is not None:
+                end = min(end, self._carbon_stop)
             if end is None or (not final and end - start < tr.resolution_s):
                 return
             tr.advance(meter, start, end, self._unix_offset_s)
             self._carbon_t = end
             if final:
-                self._carbon_t = None
+                self._carbon_t = self._carbon_stop = None
 
     def _finish_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Add ``started_at`` and the efficiency figures to a freshly built summary."""
@@ -1022,6 +1025,7 @@ class EnergyRun:
             return None
         stage = self._stage
         now = time.monotonic()
+        self._carbon_stop = now
         self._leave_phase(now)
         if self.accountant is not None and self._stage_mark is not None:
             end = self.accountant.mark(now)
