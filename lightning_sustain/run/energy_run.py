@@ -923,7 +923,7 @@ class EnergyRun:
             end = until if until is not None else meter.latest_time_s()
             if end is not None and self._carbon_stop is not None:
                 end = min(end, self._carbon_stop)
-            if end is None or (not final and end - start < tr.resolution_s):
+            if end is None or (until is None and end - start < tr.resolution_s):
                 return
             tr.advance(meter, start, end, self._unix_offset_s)
             self._carbon_t = end
@@ -1175,6 +1175,8 @@ class EnergyRun:
             if self.meter is not None:
                 covered = self.meter.wait_until_covered(now, timeout_s=1.0)
                 until = now if covered else self.meter.latest_time_s()
+            if until is not None:  # the checkpoint carries time-resolved CO2e up to `until`
+                self._advance_carbon(final=False, until=until)
         record = self.local_record(open_until=until)
         records = all_gather_objects(record) if self.sync and process_group_ready() else [record]
         phases, optimizer_steps = combine_phases(records, self._prior)
