@@ -182,13 +182,17 @@ def test_predict_counts_tokens_energy_and_sci_per_token(
 ) -> None:
     sim = simulated_nvml(1, counter_period_s=0.02)
     if route == "hook":
-        module, monitor = _Generator(sim=sim), EnergyMonitor(
-            cpu="none", dirpath=str(tmp_path), report=False, pue=1.2
+        module, monitor = (
+            _Generator(sim=sim),
+            EnergyMonitor(cpu="none", dirpath=str(tmp_path), report=False, pue=1.2),
         )
         per_sample = 3
     else:
-        module, monitor = _Busy(sim=sim), EnergyMonitor(
-            cpu="none", dirpath=str(tmp_path), report=False, pue=1.2, tokens_per_sample=7
+        module, monitor = (
+            _Busy(sim=sim),
+            EnergyMonitor(
+                cpu="none", dirpath=str(tmp_path), report=False, pue=1.2, tokens_per_sample=7
+            ),
         )
         per_sample = 7
     preds = _trainer(tmp_path, monitor).predict(module, loader(n=96, batch_size=16))
