@@ -6,8 +6,11 @@
 A tiny GPT trains on synthetic tokens, then generates tokens (inference, measured as the
 ``predict`` stage). ``FabricEnergyMonitor`` is an ordinary Fabric callback: the loop calls
 ``fabric.call("on_train_batch_end", samples=..., tokens=...)``; Fabric tells it the ranks
-and device at ``fabric.setup`` and each optimizer step. The summary (energy per token, per
-generated token, SCI per inference) lands in ``--dirpath``.
+and device at ``fabric.setup`` and each optimizer step. The FLOPs of one training batch are
+counted once on a sample batch (``count_step_flops``) before training, so the summary also
+has J per TFLOP, TFLOP/s per W and tokens per J. The summary (energy per token, per
+generated token, SCI per inference, efficiency) lands in ``--dirpath``; ``--intensity-file``
+adds time-resolved CO2e from a grid carbon-intensity file.
 
 On a machine without a GPU, run it under the simulated NVML device with
 ``--simulate-gpu-load 0.01`` to keep each rank's simulated GPU busy during each step
@@ -25,6 +28,7 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from lightning_sustain import FabricEnergyMonitor
+from lightning_sustain.energy.efficiency import count_step_flops
 
 
 class Block(nn.Module):
@@ -84,13 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--cpu", default="auto", choices=["auto", "rapl", "estimate", "none"])
     p.add_argument("--simulate-gpu-load", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--intensity-file", default=None, help="grid carbon intensity (CSV/JSON)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     monitor = FabricEnergyMonitor(
-        args.dirpath, log_every_n_steps=args.log_every, cpu=args.cpu, report=False
+        args.dirpath,
+        log_every_n_steps=args.log_every,
+        cpu=args.cpu,
+        report=False,
+        intensity_file=args.intensity_file,
     )
     fabric = Fabric(
         accelerator=args.accelerator,
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         sim = SimulatedNVML.attach()
 
     model = TinyGPT(block=args.block)
+    # FLOPs of one training batch (forward and backward), counted once on a sample batch of
+    # the training shape, on the plain module before Fabric wraps it
+    sample = torch.randint(0, 256, (args.batch_size, args.block))
+    monitor.set_flops_per_step(count_step_flops(model, sample, tokens=sample.numel()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model, optimizer = fabric.setup(model, optimizer)  # the monitor learns ranks and device
     model.mark_forward_method("generate")  # inference through the strategy's wrapper
@@ -157,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "generated_tokens": t["predict_tokens"],
                     "energy_per_generated_token_j": t["predict_energy_per_token_j"],
                     "sci_per_token_g": t["sci_per_token_g"],
+                    "flops_per_step": t.get("flops_per_step"),
+                    "j_per_tflop": t.get("j_per_tflop"),
+                    "tflops_per_s_per_w": t.get("tflops_per_s_per_w"),
+                    "tokens_per_j": t.get("tokens_per_j"),
+                    "co2e_g": t["co2e_g"],
+                    "co2e_time_resolved_g": t.get("co2e_time_resolved_g"),
                     "summary": os.path.join(args.dirpath, "energy_summary.json"),
                 },
                 indent=2,

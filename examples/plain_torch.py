@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_sustain import EnergyRun
+from lightning_sustain.energy.efficiency import count_step_flops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--cpu", default="auto", choices=["auto", "rapl", "estimate", "none"])
     p.add_argument("--simulate-gpu-load", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--intensity-file", default=None, help="grid carbon intensity (CSV/JSON)")
     return p.parse_args(argv)
 
 
@@ -51,11 +53,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         sim = SimulatedNVML.attach()
 
     model: nn.Module = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 2)).to(device)
+    # FLOPs of one training batch, counted once on a sample batch before DDP wraps the model
+    flops = count_step_flops(model, torch.randn(args.batch_size, 32, device=device))
     if distributed:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
-    run = EnergyRun(args.dirpath, log_every_n_steps=args.log_every, cpu=args.cpu, report=False)
+    run = EnergyRun(
+        args.dirpath,
+        log_every_n_steps=args.log_every,
+        cpu=args.cpu,
+        report=False,
+        intensity_file=args.intensity_file,
+        flops_per_step=flops,
+    )
     with run:  # the "fit" stage; an exception ends it as interrupted, no collective
         for step in range(args.steps):
             x = torch.randn(args.batch_size, 32, device=device)
@@ -92,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "energy_per_sample_j": t["energy_per_sample_j"],
                     "predict_energy_per_sample_j": t["predict_energy_per_sample_j"],
                     "sci_per_inference_g": t["sci_per_inference_g"],
+                    "j_per_tflop": t.get("j_per_tflop"),
+                    "tflops_per_s_per_w": t.get("tflops_per_s_per_w"),
+                    "samples_per_j": t.get("samples_per_j"),
+                    "co2e_g": t["co2e_g"],
+                    "co2e_time_resolved_g": t.get("co2e_time_resolved_g"),
                 },
                 indent=2,
             )

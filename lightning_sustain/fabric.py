@@ -20,6 +20,10 @@ passing only the keyword arguments each method accepts, and calls
     ...; fabric.call("on_predict_batch_end", samples=n, tokens=t)
     fabric.call("on_predict_end")
 
+Efficiency figures: ``monitor.set_flops_per_step(count_step_flops(model, x))`` once (J per
+TFLOP, TFLOP/s per W, tokens per J in the summary and at log intervals). Time-resolved
+CO2e: ``FabricEnergyMonitor(dirpath, intensity_file="grid.csv")``.
+
 ``state = {"model": model, "energy": monitor}`` in ``fabric.save`` / ``fabric.load`` keeps
 the totals across a resume. Metrics go to ``fabric.log_dict`` at log intervals.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_sustain.energy.efficiency import StepFlops
 from lightning_sustain.run.distributed import RankInfo
 from lightning_sustain.run.energy_run import EnergyRun
 
@@ -171,6 +176,18 @@ class FabricEnergyMonitor:
         metrics = self.run.flush()
         self._log(metrics, fabric, step)
         return metrics
+
+    def set_flops_per_step(
+        self, flops: StepFlops | int, *, method: str | None = None, phase: str = "train"
+    ) -> None:
+        """FLOPs of one batch on one rank, for J per TFLOP and TFLOP/s per W in the summary.
+
+        Count them once on a sample batch (``count_step_flops(model, x)`` from
+        :mod:`lightning_sustain.energy.efficiency`, best on the module before
+        ``fabric.setup``) or pass a number with ``method=``; see
+        :meth:`EnergyRun.set_flops_per_step`.
+        """
+        self.run.set_flops_per_step(flops, method=method, phase=phase)
 
     def close(self) -> None:
         """Stop sampling (an open stage ends as completed)."""

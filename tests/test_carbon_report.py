@@ -56,8 +56,12 @@ def test_constant_file_at_the_annual_value_reproduces_the_annual_figure(run_dir,
     expected = trace.energy_j.sum() / 3.6e6 * 1.2 * 381
     assert comparison.traced.total_co2e_g == pytest.approx(expected, rel=1e-9)
     assert comparison.traced.fallback_fraction == 0.0
+    # EnergyMonitor writes started_at; a summary without it falls back to written_at
     start, note = fit_start_unix_s(summary)
-    assert abs(start - now) < 600 and "written_at" in note
+    assert abs(start - now) < 600 and "started_at" in note
+    older = {k: v for k, v in summary.items() if k != "started_at"}
+    start_old, note_old = fit_start_unix_s(older)
+    assert abs(start_old - start) < 5 and "written_at" in note_old
 
 
 def test_step_change_is_integrated_interval_by_interval(run_dir, tmp_path):

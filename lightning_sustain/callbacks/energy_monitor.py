@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from lightning_sustain.energy.efficiency import StepFlops
 from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive_int
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.run.devices import CpuSelection, GpuSelection
@@ -43,6 +44,32 @@ def _batch_size(batch: Any) -> int:
         return extract_batch_size(batch)
     except Exception:
         return 0
+
+
+_FLOPS_COUNTED = (
+    "matrix multiplications, convolutions and attention (2 FLOPs per multiply-accumulate); "
+    "elementwise, normalisation, loss and optimizer FLOPs are not counted"
+)
+
+
+class _StepFlopCounter:
+    """``FlopCounterMode`` open around one real batch of the Trainer (no copy, no extra pass).
+
+    Entered in ``on_*_batch_start`` and left in ``on_*_batch_end``, so it counts exactly
+    what the Trainer ran for that batch (``training_step``, the backward pass, hooks),
+    whatever the module's ``forward`` signature.
+    """
+
+    def __init__(self, phase: str) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.phase = phase
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def close(self) -> int:
+        self._mode.__exit__(None, None, None)
+        return int(self._mode.get_total_flops())
 
 
 def _is_scalar(value: Any) -> bool:
@@ -92,6 +119,22 @@ class EnergyMonitor(Callback):
         trace: stream the per-step CSV trace.
         dirpath: where the trace and summary go; ``None`` means ``trainer.log_dir``.
         report: write ``report.md``/``report.html``/``emissions.csv`` after each stage.
+        flops: FLOPs per batch for the efficiency figures (J per TFLOP, TFLOP/s per W):
+            ``True`` counts them once with ``torch.utils.flop_counter.FlopCounterMode``
+            around the first training batch (and the first predict batch) exactly as the
+            Trainer runs it (forward and backward, any ``forward`` signature; that one
+            batch runs slower); an ``int`` gives the FLOPs of one training batch on one
+            rank yourself; ``False`` counts nothing. A count that fails or finds no FLOPs
+            is a warning and the figures are left out, never an error.
+        tokens_per_sample: tokens in one sample (sequence length), so tokens are counted
+            as ``samples x tokens_per_sample`` in every stage (energy per token, tokens per
+            J, SCI per token). A LightningModule method ``count_tokens(batch, outputs,
+            stage) -> int`` takes precedence (e.g. generated tokens in ``predict``).
+        intensity_file: a carbon-intensity time series (CSV/JSON; docs/carbon.md): the
+            summary adds time-resolved CO2e next to the location-based yearly figure. A
+            file that cannot be used is a warning and the yearly intensity is used (stated
+            in the summary's ``carbon_time_resolved.status``).
+        intensity_timezone: IANA zone of naive timestamps in ``intensity_file``.
         gpus: deprecated name of ``nvml_devices``.
         output_dir: deprecated name of ``dirpath``.
 
@@ -115,6 +158,10 @@ class EnergyMonitor(Callback):
         report: bool = True,
         gpus: GpuSelection | None = None,
         output_dir: str | None = None,
+        flops: bool | int = True,
+        tokens_per_sample: int | None = None,
+        intensity_file: str | None = None,
+        intensity_timezone: str = "UTC",
     ) -> None:
         super().__init__()
         if gpus is not None:
@@ -145,7 +192,28 @@ class EnergyMonitor(Callback):
             interval_s=interval_s,
             trace=trace,
             report=report,
+            intensity_file=intensity_file,
+            intensity_timezone=intensity_timezone,
         )
+        if not isinstance(flops, (bool, int)) or (not isinstance(flops, bool) and flops < 0):
+            raise ValueError(
+                f"flops must be True, False or the FLOPs of one training batch (an int >= 0), "
+                f"got {flops!r}."
+            )
+        if not isinstance(flops, bool):
+            self.run.set_flops_per_step(
+                int(flops), method="given by the user (EnergyMonitor(flops=...)), per rank"
+            )
+        self.flops = flops
+        # phases whose first batch is still to be counted (checked per batch: a set lookup)
+        self._to_count: set[str] = {"train", "predict"} if flops is True else set()
+        self.tokens_per_sample = (
+            None
+            if tokens_per_sample is None
+            else validate_positive_int("tokens_per_sample", tokens_per_sample)
+        )
+        self._flop_counter: _StepFlopCounter | None = None
+        self._count_tokens: Any = None
         self.nvml_devices = self.run.nvml_devices
         self.cpu = self.run.cpu
         self.dirpath = dirpath
@@ -201,9 +269,12 @@ class EnergyMonitor(Callback):
         run.root_device = trainer.strategy.root_device
         run.write_files = not trainer.fast_dev_run
         run.log_every_n_steps = self.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        hook = getattr(pl_module, "count_tokens", None)
+        self._count_tokens = hook if callable(hook) else None
         run.open()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_flop_counter()
         if self.run.current_stage is not None:  # a stage whose end hook never ran
             self.run.end_stage(status="interrupted: stage did not finish", gather=False)
         self.run.close()
@@ -214,6 +285,7 @@ class EnergyMonitor(Callback):
     ) -> None:
         # No collective here: under DDP the other ranks may never reach one, so each rank
         # keeps what it measured and the summary adds the other ranks' last records.
+        self._drop_flop_counter()
         if self.run.current_stage == "fit":
             self.run.set_optimizer_steps(trainer.global_step - self._global_step0)
         self.run.fail(exception)
@@ -250,6 +322,86 @@ class EnergyMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.run.begin_step()
+        if self._to_count and "train" in self._to_count:
+            self._start_flop_counter("train")
+
+    # -- FLOPs and tokens ----------------------------------------------------------------
+    def _start_flop_counter(self, phase: str) -> None:
+        if self._flop_counter is not None:
+            return
+        self._to_count.discard(phase)  # one try per phase, whatever happens
+        try:
+            self._flop_counter = _StepFlopCounter(phase)
+        except Exception as exc:  # counting must never break training
+            self._to_count.clear()
+            self.run.flops_note = f"FLOPs not counted: {type(exc).__name__}: {exc}"
+            logger.warning("EnergyMonitor: %s; efficiency figures left out.", self.run.flops_note)
+
+    def _finish_flop_counter(self, phase: str, samples: int, tokens: int) -> None:
+        counter = self._flop_counter
+        if counter is None or counter.phase != phase:
+            return
+        self._flop_counter = None
+        try:
+            total = counter.close()
+        except Exception as exc:
+            self._to_count.clear()
+            self.run.flops_note = f"FLOPs not counted: {type(exc).__name__}: {exc}"
+            logger.warning("EnergyMonitor: %s; efficiency figures left out.", self.run.flops_note)
+            return
+        if total <= 0:
+            if phase == "train":
+                self.run.flops_note = (
+                    "FLOPs not counted: FlopCounterMode found no countable operation in the "
+                    "first training batch"
+                )
+                logger.warning(
+                    "EnergyMonitor: %s; pass flops=<FLOPs per batch> to give them.",
+                    self.run.flops_note,
+                )
+            return
+        passes = (
+            "training_step, backward and optimizer step as the Trainer ran them"
+            if phase == "train"
+            else "predict_step (forward) as the Trainer ran it"
+        )
+        method = (
+            f"torch.utils.flop_counter.FlopCounterMode (torch {torch.__version__}) around the "
+            f"first {phase} batch ({samples} samples) on every rank: {passes}; counts "
+            f"{_FLOPS_COUNTED}"
+        )
+        self.run.set_flops_per_step(
+            StepFlops(total, phase == "train", samples or None, tokens or None, method),
+            phase=phase,
+        )
+
+    def _drop_flop_counter(self) -> None:
+        counter, self._flop_counter = self._flop_counter, None
+        if counter is not None:
+            try:
+                counter.close()
+            except Exception:
+                pass
+
+    def _tokens(
+        self, pl_module: pl.LightningModule, batch: Any, outputs: Any, stage: str, samples: int
+    ) -> int:
+        hook = self._count_tokens
+        if hook is not None:
+            try:
+                return int(hook(batch, outputs, stage))
+            except Exception as exc:  # a user hook must not stop training either
+                self._count_tokens = None
+                logger.warning(
+                    "EnergyMonitor: %s.count_tokens failed (%s: %s); tokens are no longer "
+                    "counted from it.",
+                    type(pl_module).__name__,
+                    type(exc).__name__,
+                    exc,
+                )
+        if self.tokens_per_sample is not None:
+            return samples * self.tokens_per_sample
+        return 0
 
     def on_train_batch_end(
         self,
@@ -261,7 +413,13 @@ class EnergyMonitor(Callback):
     ) -> None:
         index = self._batch_offset + self._steps_seen
         self._steps_seen += 1
-        metrics = self.run.step(_batch_size(batch), optimizer_step=False, index=index)
+        samples = _batch_size(batch)
+        tokens = 0
+        if self._count_tokens is not None or self.tokens_per_sample is not None:
+            tokens = self._tokens(pl_module, batch, outputs, "train", samples)
+        if self._flop_counter is not None:
+            self._finish_flop_counter("train", samples, tokens)
+        metrics = self.run.step(samples, tokens, optimizer_step=False, index=index)
         if metrics is not None:
             self._publish(trainer, metrics)
 
@@ -293,7 +451,11 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        self.run.step(_batch_size(batch))
+        samples = _batch_size(batch)
+        tokens = 0
+        if self._count_tokens is not None or self.tokens_per_sample is not None:
+            tokens = self._tokens(pl_module, batch, outputs, "validation", samples)
+        self.run.step(samples, tokens)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.current_stage == "validate":
@@ -320,13 +482,28 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        self.run.step(_batch_size(batch))
+        samples = _batch_size(batch)
+        tokens = 0
+        if self._count_tokens is not None or self.tokens_per_sample is not None:
+            tokens = self._tokens(pl_module, batch, outputs, "test", samples)
+        self.run.step(samples, tokens)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, "predict")
+
+    def on_predict_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        if self._to_count and "predict" in self._to_count:
+            self._start_flop_counter("predict")
 
     def on_predict_batch_end(
         self,
@@ -337,7 +514,13 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        self.run.step(_batch_size(batch))
+        samples = _batch_size(batch)
+        tokens = 0
+        if self._count_tokens is not None or self.tokens_per_sample is not None:
+            tokens = self._tokens(pl_module, batch, outputs, "predict", samples)
+        if self._flop_counter is not None:
+            self._finish_flop_counter("predict", samples, tokens)
+        self.run.step(samples, tokens)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer)

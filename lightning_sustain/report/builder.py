@@ -238,6 +238,7 @@ def _totals_section(summary: dict[str, Any]) -> list[Block]:
         ]
         for d in summary.get("devices", [])
     ]
+    rows += _efficiency_rows(summary)
     world = int(summary.get("world_size", 1) or 1)
     return [
         Heading("Totals"),
@@ -257,6 +258,33 @@ def _totals_section(summary: dict[str, Any]) -> list[Block]:
         ),
         Para(f"{world} process(es); totals are summed over all ranks."),
     ]
+
+
+def _efficiency_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows for FLOP efficiency, tokens per J and time-resolved CO2e, where the summary has them."""
+    totals, prov = summary["totals"], summary["provenance"]
+    rows: list[list[str]] = []
+    train = (summary.get("efficiency") or {}).get("train")
+    if train and totals.get("j_per_tflop") is not None:
+        how = f"{prov} energy / counted FLOPs ({train.get('method', 'method not stated')})"
+        rows += [
+            ["FLOPs per training batch (per rank)", f"{int(train['flops_per_step']):,}", "counted"],
+            ["Energy per TFLOP", f"{_g(totals['j_per_tflop'])} J", how],
+            ["Achieved TFLOP/s per W", _g(totals.get("tflops_per_s_per_w")), f"{prov}, same count"],
+        ]
+    if totals.get("tokens_per_j") is not None:
+        rows.append(["Tokens per J", _g(totals["tokens_per_j"]), f"{prov} (training)"])
+    tr = summary.get("carbon_time_resolved")
+    if tr and totals.get("co2e_time_resolved_g") is not None:
+        rows.append(
+            [
+                "CO2e, time-resolved",
+                f"{_g(float(totals['co2e_time_resolved_g']))} g",
+                f"{tr.get('source')}; {tr.get('status')}; "
+                f"{float(tr.get('fallback_fraction', 0.0)):.1%} of the time on the fallback",
+            ]
+        )
+    return rows
 
 
 def _sci_section(sci: SciScore) -> list[Block]:

@@ -5,6 +5,7 @@
 - :mod:`~lightning_sustain.run.summary`: per-rank records -> the job summary.
 - :mod:`~lightning_sustain.run.distributed`: rank detection, cross-rank sums.
 - :mod:`~lightning_sustain.run.devices`: which devices a process measures.
+- :mod:`~lightning_sustain.run.carbon_time`: time-resolved CO2e of the run's energy curve.
 """
 
 from lightning_sustain.run.distributed import RankInfo

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as _dt
 import logging
 import os
 import threading
@@ -51,11 +52,13 @@ from lightning_sustain.energy.carbon import (
     resolve_carbon_intensity,
 )
 from lightning_sustain.energy.device import EnergyDevice
+from lightning_sustain.energy.efficiency import StepFlops
 from lightning_sustain.energy.estimate import (
     DEFAULT_WATTS_PER_CORE,
     validate_positive,
     validate_positive_int,
 )
+from lightning_sustain.energy.intensity import IntensityProvider
 from lightning_sustain.energy.meter import EnergyMeter
 from lightning_sustain.energy.types import DeviceInfo
 from lightning_sustain.report.trace import (
@@ -65,6 +68,7 @@ from lightning_sustain.report.trace import (
     device_labels,
     write_summary,
 )
+from lightning_sustain.run.carbon_time import TimeResolvedCarbon, unix_offset_s
 from lightning_sustain.run.devices import (
     CpuSelection,
     GpuSelection,
@@ -81,6 +85,7 @@ from lightning_sustain.run.distributed import (
 from lightning_sustain.run.summary import (
     PHASE_NAMES,
     STAGES,
+    add_efficiency,
     add_phase,
     build_summary,
     combine_phases,
@@ -128,6 +133,7 @@ def _train_phase(totals: PhaseTotals) -> dict[str, Any]:
     phase["device_energy_j"] = dict(totals.device_energy_j)
     phase["duration_s"] = totals.duration_s
     phase["batches"] = totals.steps
+    phase["rank_batches"] = totals.steps
     phase["samples"] = totals.samples
     return phase
 
@@ -169,6 +175,18 @@ class EnergyRun:
         resolve_interval_s: how often the background resolver turns recorded step
             boundaries into per-step energy (and trace rows); the training thread never
             does this work except at stage ends and checkpoints.
+        intensity_file: a carbon-intensity time series (CSV/JSON, see
+            :mod:`lightning_sustain.energy.intensity`): the summary then carries
+            time-resolved CO2e next to the location-based (yearly) figure. A file that
+            cannot be used is a warning and the yearly intensity is used (stated in the
+            summary), never an error, unless ``intensity_strict``.
+        intensity_timezone: IANA zone of naive timestamps in ``intensity_file``.
+        intensity: an intensity source object instead of a file (e.g. a live provider).
+        intensity_strict: raise on an unusable intensity file or uncovered time.
+        flops_per_step: FLOPs of one training batch on one rank (a
+            :class:`~lightning_sustain.energy.efficiency.StepFlops` from
+            :func:`~lightning_sustain.energy.efficiency.count_step_flops`); see
+            :meth:`set_flops_per_step`.
 
     Raises:
         ValueError: a setting is not valid; the message names it.
@@ -195,6 +213,11 @@ class EnergyRun:
         devices: Sequence[EnergyDevice] | None = None,
         rank_record_interval_s: float = 10.0,
         resolve_interval_s: float = 0.5,
+        intensity_file: str | os.PathLike[str] | None = None,
+        intensity_timezone: str = "UTC",
+        intensity: IntensityProvider | None = None,
+        intensity_strict: bool = False,
+        flops_per_step: StepFlops | None = None,
     ) -> None:
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.nvml_devices = validate_gpu_selection(nvml_devices, "nvml_devices")
@@ -217,6 +240,25 @@ class EnergyRun:
         self._given_devices = list(devices) if devices is not None else None
         self.rank_record_interval_s = rank_record_interval_s
         self.resolve_interval_s = validate_positive("resolve_interval_s", resolve_interval_s)
+        self.carbon_time: TimeResolvedCarbon | None = TimeResolvedCarbon.from_settings(
+            intensity=intensity,
+            intensity_file=None if intensity_file is None else str(intensity_file),
+            timezone=intensity_timezone,
+            strict=intensity_strict,
+            annual=self.carbon,
+            pue=self.pue,
+        )
+        self._carbon_t: float | None = None  # monotonic time integrated up to (open stage)
+        self._carbon_stop: float | None = None  # the closing stage's end: never integrate past
+        self._unix_offset_s = unix_offset_s()
+        self._started_unix_s: float | None = None
+        self._step_flops: dict[str, StepFlops] = {}
+        self.flops_note: str | None = None
+        if flops_per_step is not None:
+            self.set_flops_per_step(flops_per_step)
+        self._step_tokens: dict[int, int] = {}
+        self._window_samples = 0
+        self._window_tokens = 0
         # the resolver thread and the caller's thread share the resolved state below
         self._lock = threading.RLock()
         self._resolver: threading.Thread | None = None
@@ -330,6 +372,7 @@ class EnergyRun:
                 return
             try:
                 self._resolve(convert_cuda=False)
+                self._advance_carbon(final=False)
             except Exception as exc:  # measurement must never take training down
                 if not warned:
                     logger.warning("EnergyRun's resolver failed (figures may lag): %s", exc)
@@ -362,6 +405,7 @@ class EnergyRun:
                 logger.debug("EnergyRun dropped %d unresolved intervals", len(self._intervals))
             self._intervals = []
             self._metric_marks = []
+            self._step_tokens = {}
             self.meter.close()
         self.meter = None
         self.accountant = None
@@ -411,6 +455,12 @@ class EnergyRun:
         self._stage = stage
         self._stage_t0_s = now
         self._stage_mark = self.accountant.mark(now)
+        self._unix_offset_s = unix_offset_s()
+        if self._started_unix_s is None and (stage == "fit" or not self._stages_log):
+            # the trace's times count from the (first) fit start of this process
+            self._started_unix_s = now + self._unix_offset_s
+        with self._lock:
+            self._carbon_t, self._carbon_stop = now, None
         self._stage_optimizer_steps = 0
         self._since_flush = 0
         if stage == "fit":
@@ -562,6 +612,8 @@ class EnergyRun:
         if optimizer_step:
             self._stage_optimizer_steps += 1
         self._train_tokens += tokens
+        if tokens:
+            self._step_tokens[index] = tokens
         accountant = self.accountant
         if accountant is None:
             return None
@@ -644,9 +696,13 @@ class EnergyRun:
         self._resolve_metric_marks()
 
     def _on_resolved_steps(self, steps: list[StepEnergy]) -> None:
+        tokens = self._step_tokens
         for s in steps:
             self._window_energy_j += s.energy_j
             self._window_duration_s += s.duration_s
+            self._window_samples += s.samples
+            if tokens:
+                self._window_tokens += tokens.pop(s.step, 0)
         self._window_steps += len(steps)
         if self._trace_writer is not None:
             try:
@@ -702,10 +758,12 @@ class EnergyRun:
                 "power_w": power_w,
                 "window_energy_j": self._window_energy_j,
                 "window_steps": float(self._window_steps),
+                "window_samples": float(self._window_samples),
+                "window_tokens": float(self._window_tokens),
                 "run_energy_j": run_j,
             }
             self._window_energy_j = self._window_duration_s = 0.0
-            self._window_steps = 0
+            self._window_steps = self._window_samples = self._window_tokens = 0
         self._wake_resolver.set()
         do_sync = self.sync if sync is None else sync
         cluster = all_reduce_sum(local) if do_sync else local
@@ -720,6 +778,7 @@ class EnergyRun:
             f"{METRIC_PREFIX}power_w": cluster["power_w"],
             f"{METRIC_PREFIX}step_energy_j": cluster["window_energy_j"] / steps,
         }
+        metrics.update(self._window_efficiency(cluster))
         if self.meter is not None and (self.ranks is None or self.ranks.world_size == 1):
             labels = device_labels(self._device_infos)
             for device_id, power in self.meter.power_w().items():
@@ -795,6 +854,94 @@ class EnergyRun:
             )
         self._metric_marks = pending
 
+    # -- efficiency and time-resolved carbon -------------------------------------------
+    def set_flops_per_step(
+        self, flops: StepFlops | int, *, method: str | None = None, phase: str = "train"
+    ) -> None:
+        """FLOPs of one batch on one rank, for J per TFLOP and TFLOP/s per W.
+
+        Count them once on a sample batch with
+        :func:`~lightning_sustain.energy.efficiency.count_step_flops` (forward and
+        backward for ``"train"``, forward only for ``"predict"``), or pass a number and
+        say how it was obtained in ``method``. Under DDP every rank runs this many FLOPs
+        per batch: the summary sets ``flops x`` batches summed over ranks against the
+        energy of every rank.
+
+        Raises:
+            ValueError: a negative or non-integer count, a number without ``method``, or
+                a phase other than ``"train"``/``"predict"``.
+        """
+        if phase not in ("train", "predict"):
+            raise ValueError(f"phase must be 'train' or 'predict', got {phase!r}.")
+        if not isinstance(flops, StepFlops):
+            if isinstance(flops, bool) or not isinstance(flops, int) or flops < 0:
+                raise ValueError(f"flops per step must be a non-negative integer, got {flops!r}.")
+            if not method:
+                raise ValueError(
+                    "set_flops_per_step(<number>) needs method=... saying how the FLOPs were "
+                    "counted (or pass count_step_flops(...))."
+                )
+            flops = StepFlops(flops, phase == "train", None, None, method)
+        elif method:
+            flops = StepFlops(
+                flops.flops_per_step, flops.train, flops.samples_per_step,
+                flops.tokens_per_step, method,
+            )  # fmt: skip
+        self._step_flops[phase] = flops
+
+    @property
+    def flops_per_step(self) -> dict[str, StepFlops]:
+        """The FLOPs per batch set so far, by phase (``train``, ``predict``)."""
+        return dict(self._step_flops)
+
+    def _window_efficiency(self, cluster: dict[str, float]) -> dict[str, float]:
+        """Log-interval figures over the steps resolved since the last interval (all ranks)."""
+        energy = cluster["window_energy_j"]
+        out: dict[str, float] = {}
+        if energy <= 0:
+            return out
+        flops = self._step_flops.get("train")
+        if flops is not None and flops.flops_per_step > 0 and cluster["window_steps"] > 0:
+            tflop = flops.flops_per_step * cluster["window_steps"] / 1e12
+            out[f"{METRIC_PREFIX}j_per_tflop"] = energy / tflop
+            out[f"{METRIC_PREFIX}tflops_per_s_per_w"] = tflop / energy
+        if cluster.get("window_samples", 0) > 0:
+            out[f"{METRIC_PREFIX}samples_per_j"] = cluster["window_samples"] / energy
+        if cluster.get("window_tokens", 0) > 0:
+            out[f"{METRIC_PREFIX}tokens_per_j"] = cluster["window_tokens"] / energy
+        return out
+
+    def _advance_carbon(self, final: bool, until: float | None = None) -> None:
+        """Integrate time-resolved CO2e of the open stage up to now (or ``until``)."""
+        tr = self.carbon_time
+        if tr is None:
+            return
+        with self._lock:
+            meter, start = self.meter, self._carbon_t
+            if meter is None or start is None or self._stage is None:
+                return
+            end = until if until is not None else meter.latest_time_s()
+            if end is not None and self._carbon_stop is not None:
+                end = min(end, self._carbon_stop)
+            if end is None or (until is None and end - start < tr.resolution_s):
+                return
+            tr.advance(meter, start, end, self._unix_offset_s)
+            self._carbon_t = end
+            if final:
+                self._carbon_t = self._carbon_stop = None
+
+    def _finish_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Add ``started_at`` and the efficiency figures to a freshly built summary."""
+        if self._started_unix_s is not None:
+            summary["started_at"] = _dt.datetime.fromtimestamp(
+                self._started_unix_s, _dt.timezone.utc
+            ).isoformat(timespec="milliseconds")
+        try:
+            add_efficiency(summary, self._step_flops, self.flops_note)
+        except Exception as exc:  # figures are optional; the summary is not
+            logger.warning("EnergyRun could not compute the efficiency figures: %s", exc)
+        return summary
+
     # -- records and summaries ----------------------------------------------------------
     def local_record(self, open_until: float | None = None) -> dict[str, Any]:
         """This rank's record: its phases, optimizer steps, devices and failures.
@@ -852,6 +999,7 @@ class EnergyRun:
             "optimizer_steps": self._optimizer_steps_done + self._stage_optimizer_steps,
             "failures": failures,
             "metric_history": list(self._metric_history),
+            **({"carbon_time": self.carbon_time.record()} if self.carbon_time else {}),
         }
 
     def _write_rank_record(self, open_until: float | None, status: str) -> None:
@@ -877,6 +1025,7 @@ class EnergyRun:
             return None
         stage = self._stage
         now = time.monotonic()
+        self._carbon_stop = now
         self._leave_phase(now)
         if self.accountant is not None and self._stage_mark is not None:
             end = self.accountant.mark(now)
@@ -887,6 +1036,7 @@ class EnergyRun:
             self._resolve(wait=True)
         except Exception as exc:  # a summary must still be written
             logger.warning("EnergyRun could not resolve the last steps: %s", exc)
+        self._advance_carbon(final=True, until=now)
         self._optimizer_steps_done += self._stage_optimizer_steps
         self._stage_optimizer_steps = 0
         self._stages_log.append({"stage": stage, "status": status})
@@ -916,6 +1066,7 @@ class EnergyRun:
             )
         else:
             summary = self._summary_from([record], summary_status, world, [])
+        summary = self._finish_summary(summary)
         self._summary = summary
         self.metrics = dict(self.metrics)
         self.metrics[f"{METRIC_PREFIX}energy_kwh"] = summary["totals"]["energy_kwh"]
@@ -923,6 +1074,11 @@ class EnergyRun:
         self.metrics[f"{METRIC_PREFIX}train_energy_kwh"] = joules_to_kwh(
             summary["totals"]["train_energy_j"]
         )
+        for key in ("j_per_tflop", "tflops_per_s_per_w", "tokens_per_j", "samples_per_j",
+                    "co2e_time_resolved_g"):  # fmt: skip
+            value = summary["totals"].get(key)
+            if value is not None:
+                self.metrics[f"{METRIC_PREFIX}{key}"] = float(value)
         if self.write_files and self.dirpath is not None:
             self._write_rank_record(None, status)
             # rank zero writes the job summary; on a failure path any rank writes what it knows
@@ -1019,15 +1175,27 @@ class EnergyRun:
             if self.meter is not None:
                 covered = self.meter.wait_until_covered(now, timeout_s=1.0)
                 until = now if covered else self.meter.latest_time_s()
+            if until is not None:  # the checkpoint carries time-resolved CO2e up to `until`
+                self._advance_carbon(final=False, until=until)
         record = self.local_record(open_until=until)
         records = all_gather_objects(record) if self.sync and process_group_ready() else [record]
         phases, optimizer_steps = combine_phases(records, self._prior)
-        return {
+        state = {
             "version": STATE_VERSION,
             "phases": phases,
             "optimizer_steps": optimizer_steps,
             "stages": self._all_stages(),
         }
+        carbon_parts = [r["carbon_time"] for r in records if "carbon_time" in r]
+        prior_carbon = (self._prior or {}).get("carbon_time")
+        if prior_carbon:
+            carbon_parts.append(prior_carbon)
+        if carbon_parts:
+            state["carbon_time"] = {
+                key: sum(float(p.get(key, 0.0)) for p in carbon_parts)
+                for key in ("energy_j", "co2e_g", "fallback_s", "duration_s")
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: its totals become the run's prior.
@@ -1057,6 +1225,8 @@ class EnergyRun:
                 "optimizer_steps": int(state.get("optimizer_steps", 0)),
                 "stages": list(state.get("stages", [])),
             }
+            if isinstance(state.get("carbon_time"), dict):
+                prior["carbon_time"] = dict(state["carbon_time"])
         else:
             raise ValueError(
                 "The checkpoint's energy state is not in a known format; start a new run or "

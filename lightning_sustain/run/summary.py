@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sustain.energy.carbon import CarbonIntensity, co2e_g, joules_to_kwh
+from lightning_sustain.energy.efficiency import StepFlops, efficiency_figures
 from lightning_sustain.report.trace import SUMMARY_SCHEMA, write_summary
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,11 @@ def add_phase(into: dict[str, Any], other: dict[str, Any], *, across_ranks: bool
         across_ranks: ranks run side by side: take the longest duration and the most
             batches (per-rank counts, as Lightning's ``global_step``); samples, tokens and
             energy add up. ``False`` for stages run one after another: everything adds up.
+            ``rank_batches`` (batches summed over ranks, for FLOP totals) always adds up.
     """
+    into["rank_batches"] = int(into.get("rank_batches", into.get("batches", 0))) + int(
+        other.get("rank_batches", other.get("batches", 0))
+    )
     for device_id, joules in other.get("device_energy_j", {}).items():
         into["device_energy_j"][device_id] = into["device_energy_j"].get(device_id, 0.0) + joules
     if across_ranks:
@@ -130,6 +135,7 @@ def build_summary(
     predict_kwh_facility = joules_to_kwh(energy["predict"]) * pue
     predict_co2e = co2e_g(energy["predict"], carbon, pue)
     history = _sum_histories([r.get("metric_history", []) for r in ranks])
+    time_resolved = _time_resolved(ranks, prior, total_j, carbon, pue)
     return {
         "schema": SUMMARY_SCHEMA,
         "status": status,
@@ -169,6 +175,9 @@ def build_summary(
             "sci_per_inference_g": _per(predict_co2e, predict["samples"]),
             "sci_per_token_g": _per(predict_co2e, predict["tokens"]),
             "predict_facility_energy_kwh": predict_kwh_facility,
+            # location-based (energy x yearly intensity) is co2e_g; this one integrates the
+            # intensity time series interval by interval (None without an intensity source)
+            "co2e_time_resolved_g": time_resolved.get("co2e_g") if time_resolved else None,
         },
         "carbon": {
             "g_co2e_per_kwh": carbon.g_co2e_per_kwh,
@@ -176,6 +185,7 @@ def build_summary(
             "region": carbon.region,
             "pue": pue,
         },
+        "carbon_time_resolved": time_resolved,
         "phases": with_energy(phases),
         "devices": devices,
         "ranks": [
@@ -195,6 +205,108 @@ def build_summary(
         "world_size": world_size,
         "metric_history": history,
     }
+
+
+def _time_resolved(
+    ranks: Sequence[dict[str, Any]],
+    prior: dict[str, Any] | None,
+    total_j: float,
+    carbon: CarbonIntensity,
+    pue: float,
+) -> dict[str, Any] | None:
+    """Time-resolved CO2e of the job: every rank's integrated intervals plus the prior.
+
+    Energy the integration did not see (a resumed checkpoint without time-resolved figures,
+    a rank with no record of it, the last moments after the counters' coverage) is counted
+    at the yearly intensity and reported as ``annual_remainder_energy_j``.
+    """
+    parts = [r["carbon_time"] for r in ranks if isinstance(r.get("carbon_time"), dict)]
+    if not parts:
+        return None
+    prior_part = (prior or {}).get("carbon_time")
+    if isinstance(prior_part, dict):
+        parts = [*parts, prior_part]
+    integrated_j = sum(float(p.get("energy_j", 0.0)) for p in parts)
+    integrated_g = sum(float(p.get("co2e_g", 0.0)) for p in parts)
+    fallback_s = sum(float(p.get("fallback_s", 0.0)) for p in parts)
+    seconds = sum(float(p.get("duration_s", 0.0)) for p in parts)
+    remainder_j = max(0.0, total_j - integrated_j)
+    kwh = joules_to_kwh(integrated_j) * pue
+    first = parts[0]
+    warnings: list[str] = []
+    for p in parts:
+        for w in p.get("warnings", []):
+            if w not in warnings:
+                warnings.append(w)
+    return {
+        "co2e_g": integrated_g + co2e_g(remainder_j, carbon, pue),
+        "integrated_co2e_g": integrated_g,
+        "integrated_energy_j": integrated_j,
+        "annual_remainder_energy_j": remainder_j,
+        "mean_g_co2e_per_kwh": integrated_g / kwh if kwh > 0 else None,
+        "fallback_s": fallback_s,
+        "fallback_fraction": fallback_s / seconds if seconds > 0 else 0.0,
+        "source": first.get("source"),
+        "status": first.get("status"),
+        "method": (
+            "each rank's cumulative energy curve split into intervals of at most "
+            f"{first.get('resolution_s')} s, each interval's energy x the source's mean "
+            "intensity over it x PUE; uncovered times use the yearly intensity (fallback)"
+        ),
+        "warnings": warnings,
+    }
+
+
+def add_efficiency(
+    summary: dict[str, Any], step_flops: dict[str, StepFlops], note: str | None = None
+) -> dict[str, Any]:
+    """Add samples/tokens per joule and, with FLOPs per step, the efficiency figures.
+
+    FLOPs per step are per rank and per batch (forward and backward for training), so the
+    FLOP total is ``flops_per_step x`` batches **summed over ranks** (``rank_batches``),
+    set against the energy of every rank: J per TFLOP and TFLOP/s per W are job-wide.
+
+    Args:
+        summary: a summary from :func:`build_summary` (changed in place).
+        step_flops: ``"train"`` and/or ``"predict"`` -> the counted FLOPs of one batch.
+        note: why FLOPs are missing, when they are (kept in ``efficiency["note"]``).
+
+    Returns:
+        The same summary.
+    """
+    totals, phases = summary["totals"], summary["phases"]
+    provenance = summary.get("provenance")
+    for phase, prefix in (("train", ""), ("predict", "predict_")):
+        p = phases.get(phase, {})
+        energy = float(p.get("energy_j", 0.0))
+        totals[f"{prefix}samples_per_j"] = _per(float(p.get("samples", 0)), energy)
+        totals[f"{prefix}tokens_per_j"] = _per(float(p.get("tokens", 0)), energy)
+    efficiency: dict[str, Any] = {}
+    for phase, flops in step_flops.items():
+        p = phases.get(phase)
+        if not p:
+            continue
+        prefix = "" if phase == "train" else f"{phase}_"
+        figures = efficiency_figures(
+            flops,
+            steps=int(p.get("rank_batches", p.get("batches", 0))),
+            energy_j=max(0.0, float(p.get("energy_j", 0.0))),
+            duration_s=float(p.get("duration_s", 0.0)) or None,
+            samples=int(p.get("samples", 0)) or None,
+            tokens=int(p.get("tokens", 0)) or None,
+            energy_provenance=provenance,
+        ).to_dict()
+        figures["steps_counted"] = (
+            f"{phase} batches summed over ranks (each rank runs flops_per_step per batch)"
+        )
+        efficiency[phase] = figures
+        for key in ("flops_per_step", "total_tflop", "j_per_tflop", "tflops_per_s_per_w"):
+            totals[f"{prefix}{key}"] = figures[key]
+        totals[f"{prefix}achieved_tflops_per_s"] = figures["achieved_tflops_per_s"]
+    if note and not efficiency:
+        efficiency["note"] = note
+    summary["efficiency"] = efficiency
+    return summary
 
 
 def _sum_histories(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
