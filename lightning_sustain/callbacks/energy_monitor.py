@@ -8,8 +8,10 @@ scheme (``energy/...``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +433,31 @@ class EnergyMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run.set_optimizer_steps(trainer.global_step - self._global_step0)
         self._end(trainer)
+
+    @contextlib.contextmanager
+    def energy_phase(self, phase: str = "explain") -> Iterator[None]:
+        """Measure a block inside fit as its own phase (``explain`` for ShapSummary).
+
+        Other callbacks call it without importing this class (``ShapSummary`` looks for an
+        ``energy_phase`` method on the Trainer's callbacks), so the explanation's energy is
+        a line of its own in the summary (``explain_energy_j``) and the report, not "other".
+        Outside fit it measures nothing; measurement never fails the block.
+        """
+        entered = False
+        try:
+            if self.run.current_stage == "fit":
+                self.run.begin_phase(phase)
+                entered = True
+        except Exception as err:  # measurement never stops the caller
+            logger.warning("EnergyMonitor: could not start phase %r: %s", phase, err)
+        try:
+            yield
+        finally:
+            if entered:
+                try:
+                    self.run.end_phase()
+                except Exception as err:
+                    logger.warning("EnergyMonitor: could not end phase %r: %s", phase, err)
 
     # -- validation, test, predict ------------------------------------------------------
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

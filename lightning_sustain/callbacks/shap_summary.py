@@ -20,6 +20,7 @@ end that finds callbacks with that method attributes the window's energy to its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -265,8 +266,14 @@ class ShapSummary(Callback):
             started = time.monotonic()
             started_unix = time.time()
             try:
-                with preserved_rng_state(), torch.inference_mode(False), torch.enable_grad():
-                    self.artefacts = self._explain(trainer, pl_module, out_dir, started)
+                with contextlib.ExitStack() as phases:
+                    # energy monitors measure the explanation as its own phase ("explain")
+                    for callback in trainer.callbacks:
+                        energy_phase = getattr(callback, "energy_phase", None)
+                        if callable(energy_phase):
+                            phases.enter_context(energy_phase("explain"))
+                    with preserved_rng_state(), torch.inference_mode(False), torch.enable_grad():
+                        self.artefacts = self._explain(trainer, pl_module, out_dir, started)
                 self.last_dir = str(out_dir)
                 logger.info("ShapSummary wrote %s in %.2f s.", out_dir, time.monotonic() - started)
             except Exception as err:

@@ -21,7 +21,7 @@ from lightning_sustain.energy.meter import EnergyMeter
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("train", "validation", "test", "predict", "fit")
+PHASES = ("train", "validation", "test", "predict", "fit", "explain")
 
 
 @dataclass

@@ -222,6 +222,7 @@ def _totals_section(summary: dict[str, Any]) -> list[Block]:
         ["Training steps", _energy(float(totals.get("train_energy_j", 0.0)))],
         ["Validation", _energy(float(totals.get("validation_energy_j", 0.0)))],
         ["Test", _energy(float(totals.get("test_energy_j", 0.0)))],
+        ["Explanation (SHAP)", _energy(float(totals.get("explain_energy_j", 0.0)))],
         [
             "Other (data loading between phases, hooks, set-up)",
             _energy(float(totals.get("other_energy_j", 0.0))),

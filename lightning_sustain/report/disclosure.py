@@ -88,9 +88,10 @@ def build_disclosure(summary: dict[str, Any]) -> Disclosure:
         ),
         ("Known or estimated", status),
         (
-            "Of which training steps / validation / other",
+            "Of which training steps / validation / explanation (SHAP) / other",
             f"{totals.get('train_energy_j', 0.0):.6g} J / "
             f"{totals.get('validation_energy_j', 0.0):.6g} J / "
+            f"{totals.get('explain_energy_j', 0.0):.6g} J / "
             f"{totals.get('other_energy_j', 0.0):.6g} J",
         ),
         (

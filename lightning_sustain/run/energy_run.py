@@ -515,8 +515,11 @@ class EnergyRun:
         """
         if phase not in PHASE_NAMES or phase in ("train", "fit"):
             raise ValueError(
-                f"phase must be one of 'validation', 'validate', 'test', 'predict', got {phase!r}"
+                "phase must be one of 'validation', 'validate', 'test', 'predict', 'explain', "
+                f"got {phase!r}"
             )
+        if phase == "explain" and self._stage != "fit":
+            return  # an explanation is measured as a part of fit only
         if self._stage is None:
             self.start_stage("validate" if phase == "validation" else phase)
             return

@@ -23,8 +23,9 @@ from lightning_sustain.report.trace import SUMMARY_SCHEMA, write_summary
 logger = logging.getLogger(__name__)
 
 #: ``train``: training steps; ``validation``: validation inside fit; ``fit``: the whole fit
-#: stage; ``validate`` / ``test`` / ``predict``: those stages.
-PHASE_NAMES = ("train", "validation", "fit", "validate", "test", "predict")
+#: stage; ``validate`` / ``test`` / ``predict``: those stages; ``explain``: a model explanation
+#: (ShapSummary) inside fit, reported as its own line, not as "other".
+PHASE_NAMES = ("train", "validation", "fit", "validate", "test", "predict", "explain")
 #: The stages whose energy adds up to the run's total.
 STAGES = ("fit", "validate", "test", "predict")
 RANK_DIRNAME = "energy_ranks"
@@ -158,7 +159,10 @@ def build_summary(
             "validation_energy_j": energy["validation"] + energy["validate"],
             "test_energy_j": energy["test"],
             "predict_energy_j": energy["predict"],
-            "other_energy_j": max(0.0, energy["fit"] - energy["train"] - energy["validation"]),
+            "explain_energy_j": energy["explain"],
+            "other_energy_j": max(
+                0.0, energy["fit"] - energy["train"] - energy["validation"] - energy["explain"]
+            ),
             "steps": optimizer_steps,
             "batches": int(train["batches"]),
             "samples": int(train["samples"]),
