@@ -119,6 +119,11 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
                         NotADirectoryError, ValueError, TypeError, ShardError)):
         return False
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EPERM, errno.EACCES,
+                                                   errno.ENOENT):
+        return False
     name = type(exc).__name__
     if name in ("NoCredentialsError", "PartialCredentialsError", "ClientError"):
         text = str(exc)
@@ -129,8 +134,8 @@ def _is_transient(exc: BaseException) -> bool:
 def _classify(exc: BaseException, url: str, what: str) -> ShardError:
     name = type(exc).__name__
     text = _scrub(str(exc))
-    if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower() \
-            and "no" in text.lower() and isinstance(exc, Exception) and name != "OSError":
+    if name in ("NoCredentialsError", "PartialCredentialsError") or \
+            "Unable to locate credentials" in text:
         return StorageCredentialsError(
             f"no usable credentials for {url!r} ({what}): set them through the provider chain "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY env vars, ~/.aws/credentials, "
@@ -227,7 +232,6 @@ class RemoteStore:
                 cfg.setdefault("read_timeout", self.timeout_s)
                 cfg.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
                 opts["config_kwargs"] = cfg
-                opts.setdefault("retries", 1)  # s3fs's own loop: ours owns retrying
             try:
                 cls = fsspec.get_filesystem_class(self.protocol)
             except (ImportError, ValueError) as exc:
@@ -236,6 +240,8 @@ class RemoteStore:
                     "install it (e.g. s3fs for s3://, gcsfs for gs://)"
                 ) from None
             self._fs = cls(skip_instance_cache=True, **opts)
+            if hasattr(self._fs, "retries"):
+                self._fs.retries = 1  # s3fs's own retry loop: ours owns retrying
             self._base = cls._strip_protocol(self.url).rstrip("/")
             self._pid = os.getpid()
         return self._fs
@@ -304,8 +310,9 @@ class RemoteStore:
                         "have; refusing to read it", shard=label)
         fs, path = self.fs, self.path(rel)
         try:
-            data = self._call("read", rel, lambda: fs.cat_file(path, 0, size + 1)
-                              if size else fs.cat_file(path))
+            # an object is immutable: its size from ``info`` bounds the read (one ranged GET)
+            data = (self._call("read", rel, lambda: fs.cat_file(path, start=0, end=size))
+                    if size else b"")
         except FileNotFoundError:
             raise (missing or error)(f"{missing_message} ({self.display(rel)})",
                                      shard=label) from None
@@ -334,7 +341,7 @@ class RemoteStore:
                 pass
         fs, path = self.fs, self.path(rel)
         data = self._call("range read", rel,
-                          lambda: fs.cat_file(path, offset, offset + nbytes))
+                          lambda: fs.cat_file(path, start=offset, end=offset + nbytes))
         if cached is not None and len(data) == nbytes:
             self._cache_put(cached, data)
         return bytes(data)
