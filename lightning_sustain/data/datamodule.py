@@ -281,9 +281,17 @@ class EncryptedShardDataset(IterableDataset):
         buffers: list[bytearray | np.ndarray] = []
         pending = 0
         remaining = plan.num_samples
+        ahead = _PREFETCH_FRAMES if getattr(reader, "_store", None) is not None else 0
         try:
-            for g, a, b in plan.reads:
+            for i, (g, a, b) in enumerate(plan.reads):
                 si, fi, _ = units[g]
+                if ahead and i % ahead == 0:  # remote root: read ahead while decrypting
+                    if i == 0:
+                        reader.prefetch([units[h][:2] for h, _, _ in plan.reads[:ahead]],
+                                        background=True)
+                    reader.prefetch([units[h][:2] for h, _, _ in plan.reads[i + ahead:
+                                                                          i + 2 * ahead]],
+                                    background=True)
                 cols, buf = reader.read_frame(si, fi)
                 buffers.append(buf)
                 if reader.audit is not None:
@@ -333,6 +341,9 @@ class EncryptedShardDataset(IterableDataset):
             audit, reader.audit = reader.audit, None
             if audit is not None:
                 audit.finish()
+
+
+_PREFETCH_FRAMES = 16  # frames of ciphertext read ahead concurrently from object storage
 
 
 def _release(reader: SplitReader, item: bytearray | np.ndarray) -> None:

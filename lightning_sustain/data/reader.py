@@ -294,6 +294,9 @@ class SplitReader:
         self._openers: dict[int, FrameOpener] = {}
         self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
+        self._prefetched: dict[tuple[int, int], bytes] = {}  # remote ciphertext, read ahead
+        self._inflight: list[tuple[list[tuple[int, int]], Any]] = []
+        self._executor: Any = None
         self._layouts: dict[int, tuple] = {}
         self._views: dict[tuple[int, int], tuple] = {}
         self._names = [
@@ -445,6 +448,11 @@ class SplitReader:
             if isinstance(fd, int):
                 os.close(fd)
         self.wipe_pool()
+        self._prefetched.clear()
+        self._inflight = []
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         for buf, _, _ in self._views.values():
             wipe(buf)
         self._views.clear()
@@ -497,8 +505,13 @@ class SplitReader:
             # a cffi buffer conversion, which costs more than the extra pread (measured)
             nonce = os.pread(fd, NONCE_NBYTES, offset)
             body = os.pread(fd, length - NONCE_NBYTES, offset + NONCE_NBYTES)
-        else:  # remote: one ranged GET per frame, never the whole shard
-            blob = fd.pread(length, offset)
+        else:  # remote: one ranged GET per frame (or read ahead), never the whole shard
+            blob = self._prefetched.pop((shard_index, frame_index), None)
+            if blob is None and self._inflight:
+                self._collect(wait=True)
+                blob = self._prefetched.pop((shard_index, frame_index), None)
+            if blob is None or len(blob) != length:
+                blob = fd.pread(length, offset)
             nonce, body = blob[:NONCE_NBYTES], blob[NONCE_NBYTES:]
         if len(body) != length - NONCE_NBYTES or len(nonce) != NONCE_NBYTES:
             raise TruncatedShardError(
@@ -558,6 +571,54 @@ class SplitReader:
         if self.audit is not None:
             self.audit.frame(self._names[shard_index], n)
         return cols, buf
+
+    def prefetch(self, units: list[tuple[int, int]], *, background: bool = False) -> None:
+        """Fetch the ciphertext of upcoming frames concurrently (remote roots; no-op locally).
+
+        Only ciphertext is held (authenticated when :meth:`read_frame` decrypts it); a
+        range that fails here is read again, with retries, by :meth:`read_frame`. With
+        ``background`` the fetch runs in a helper thread while the caller decrypts.
+        """
+        if self._store is None:
+            return
+        self._collect(wait=False)
+        busy = {u for us, _ in self._inflight for u in us}
+        want = [(si, fi) for si, fi in dict.fromkeys(units)
+                if (si, fi) not in self._prefetched and (si, fi) not in busy]
+        if not want:
+            return
+        for si in dict.fromkeys(si for si, _ in want):
+            self._fd(si)  # stat + header check once per shard
+        items = []
+        for si, fi in want:
+            off, ln, _ = self._frames[si][fi]
+            items.append((self._names[si], off, ln))
+        if background:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="lss-prefetch")
+            self._inflight.append((want, self._executor.submit(self._store.read_ranges, items)))
+            return
+        for (si, fi), data in zip(want, self._store.read_ranges(items), strict=True):
+            if data is not None:
+                self._prefetched[(si, fi)] = data
+
+    def _collect(self, *, wait: bool) -> None:
+        """Move finished background fetches into the read-ahead map."""
+        keep = []
+        for want, fut in self._inflight:
+            if not (wait or fut.done()):
+                keep.append((want, fut))
+                continue
+            try:
+                got = fut.result()
+            except Exception:  # noqa: BLE001 - read_frame reads these again with retries
+                continue
+            for key, data in zip(want, got, strict=True):
+                if data is not None:
+                    self._prefetched[key] = data
+        self._inflight = keep
 
     def release(self, buf: bytearray) -> None:
         """Give a buffer returned by :meth:`read_frame` back for reuse.

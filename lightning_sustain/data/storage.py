@@ -346,6 +346,38 @@ class RemoteStore:
             self._cache_put(cached, data)
         return bytes(data)
 
+    def read_ranges(self, items: list[tuple[str, int, int]]) -> list[bytes | None]:
+        """Fetch several ``(rel, offset, nbytes)`` ranges concurrently (``fs.cat_ranges``).
+
+        Ranges that fail come back as ``None``: the caller reads them one by one through
+        :meth:`read_range` (with retries and error mapping). Cached ranges are not fetched.
+        """
+        out: list[bytes | None] = [None] * len(items)
+        todo = []
+        for i, (rel, off, n) in enumerate(items):
+            cached = self._cache_file(rel, off, n)
+            if cached is not None and cached.is_file():
+                continue  # read_range serves it from the cache
+            todo.append(i)
+        if not todo:
+            return out
+        fs = self.fs
+        paths = [self.path(items[i][0]) for i in todo]
+        starts = [items[i][1] for i in todo]
+        ends = [items[i][1] + items[i][2] for i in todo]
+        try:
+            got = fs.cat_ranges(paths, starts, ends, on_error="return")
+        except Exception:  # noqa: BLE001 - fall back to single reads with retries
+            return out
+        for i, data in zip(todo, got, strict=True):
+            rel, off, n = items[i]
+            if isinstance(data, (bytes, bytearray)) and len(data) == n:
+                out[i] = bytes(data)
+                cached = self._cache_file(rel, off, n)
+                if cached is not None:
+                    self._cache_put(cached, out[i])
+        return out
+
     def _cache_file(self, rel: str, offset: int, nbytes: int) -> Path | None:
         if self.cache_dir is None:
             return None
