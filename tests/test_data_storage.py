@@ -371,15 +371,22 @@ def test_object_replaced_mid_epoch_is_detected(s3, key, tmp_path):
     assert verify_dataset(url, key, storage_options=opts).ok
 
 
-def test_concurrent_writer_is_refused(s3, key):
+def test_concurrent_writer_is_refused(s3, key, tmp_path, monkeypatch):
+    import tempfile
+
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
     url = _url("concurrent")
     _write(url, key, s3)
+    assert not list(staging.iterdir())  # the local ciphertext staging is removed
     slow = ShardWriter(url, "train", key, frame_nbytes=1024, progress=False,
                        storage_options=_opts(s3["direct"]))
     slow.write_columns(_data(100, 5))
     _write(url, key, s3, split="val", seed=4)  # another writer commits meanwhile
     with pytest.raises(ConcurrentWriteError, match="changed by another writer"):
         slow.commit()
+    assert not list(staging.iterdir())  # also after a refused commit
     assert verify_dataset(url, key, storage_options=_opts(s3["direct"])).ok
 
 
@@ -553,3 +560,35 @@ def test_cli_encrypt_and_verify_s3(s3, tmp_path, capsys):
                      "--storage-options", bad]) == 2
     err = capsys.readouterr().err
     assert "provider chain" in err and FAKE_SECRET not in err
+
+
+# -- fork safety ----------------------------------------------------------------------------
+
+
+def _child_reads(store: RemoteStore, parent_fs_id: int, queue) -> None:
+    try:
+        fs = store.fs
+        data = store.read_small("keyring.json", 1 << 16, label="keyring.json",
+                                error=ShardError)
+        queue.put((id(fs) != parent_fs_id, len(data)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put((False, repr(exc)))
+
+
+def test_each_process_opens_its_own_filesystem(s3, key):
+    import multiprocessing
+    import pickle
+
+    url = _url("fork")
+    _write(url, key, s3, n=100)
+    store = RemoteStore(url, _opts(s3["direct"]))
+    parent_fs = store.fs
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._fs is None and clone.fs is not parent_fs  # pickles never carry the fs
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_reads, args=(store, id(parent_fs), queue))
+    proc.start()
+    fresh, size = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert fresh is True and isinstance(size, int) and size > 0
