@@ -59,15 +59,30 @@ _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 
 
+_real_getaddrinfo = socket.getaddrinfo
+VIOLATIONS: list[str] = []  # checked after every test (errors in threads are swallowed)
+
+
+def _is_loopback(host) -> bool:
+    if host in ("localhost", None):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_address(address) -> None:
-    if isinstance(address, tuple) and address:
-        host = address[0]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise AssertionError(f"test connected to a name, not an address: {host}") from None
-        if not ip.is_loopback:
-            raise AssertionError(f"test traffic to a non-loopback address: {host}")
+    if isinstance(address, tuple) and address and not _is_loopback(address[0]):
+        VIOLATIONS.append(f"connect {address[0]}")
+        raise OSError(f"test traffic to a non-loopback address: {address[0]}")
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if not _is_loopback(host if not isinstance(host, bytes) else host.decode()):
+        VIOLATIONS.append(f"resolve {host}")
+        raise OSError(f"test tried to resolve a non-loopback name: {host}")
+    return _real_getaddrinfo(host, *args, **kwargs)
 
 
 def _guarded_connect(self, address):
@@ -86,6 +101,10 @@ def _loopback_only(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
+    VIOLATIONS.clear()
+    yield
+    assert not VIOLATIONS, f"traffic outside 127.0.0.1: {VIOLATIONS}"
 
 
 # -- servers ---------------------------------------------------------------------------------

@@ -341,6 +341,7 @@ class AuditSession:
                  audit_path: str | None = None, context: Mapping[str, Any] | None = None):
         self.path = audit_path_for(root, audit_path)
         self.root = str(root)
+        self._root_ref = root  # a RemoteStore keeps its storage options for identify()
         self.action = action
         self.context = {k: v for k, v in (context or {}).items() if v is not None}
         self.start = _now()
@@ -398,7 +399,7 @@ class AuditSession:
         self._done = True
         t0 = time.perf_counter()
         if exc is not None and self.dataset_id is None:
-            self.identify(self.root)
+            self.identify(self._root_ref)
         if outcome is None:
             if exc is None or isinstance(exc, GeneratorExit):
                 outcome = "ok"
