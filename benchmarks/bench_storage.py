@@ -44,7 +44,6 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=40_000)
     ap.add_argument("--features", type=int, default=32)
     ap.add_argument("--frame-kib", type=int, default=64)
-    ap.add_argument("--threaded-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--persistent", action="store_true",
                     help="persistent DataLoader workers (no per-epoch worker start)")
