@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         if name in ("errors", "codec", "format", "keys", "reader", "writer", "datamodule",
-                    "commands"):
+                    "commands", "storage"):
             return importlib.import_module(f"lightning_sustain.data.{name}")
         raise AttributeError(f"module 'lightning_sustain.data' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

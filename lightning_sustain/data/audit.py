@@ -86,8 +86,18 @@ def audit_key(data_key: Any, dataset_id: bytes) -> bytes:
 
 
 def audit_path_for(root: str | os.PathLike[str], audit_path: str | None = None) -> Path:
-    """Where records of ``root`` go: ``audit_path`` if given, else next to the dataset."""
-    return Path(audit_path) if audit_path else Path(root) / AUDIT_FILE_NAME
+    """Where records of ``root`` go: ``audit_path`` if given, else next to the dataset.
+
+    For a root in object storage the default is a local file (an append-only, locked
+    file needs a local disk): see :func:`~lightning_sustain.data.storage.default_remote_audit_path`.
+    """
+    if audit_path:
+        return Path(audit_path)
+    from lightning_sustain.data.storage import as_store, default_remote_audit_path, is_remote
+
+    if is_remote(root):
+        return default_remote_audit_path(as_store(root))
+    return Path(as_store(root)) / AUDIT_FILE_NAME
 
 
 def config_hash(*configs: Mapping[str, Any] | None) -> str | None:
@@ -331,6 +341,7 @@ class AuditSession:
                  audit_path: str | None = None, context: Mapping[str, Any] | None = None):
         self.path = audit_path_for(root, audit_path)
         self.root = str(root)
+        self._root_ref = root  # a RemoteStore keeps its storage options for identify()
         self.action = action
         self.context = {k: v for k, v in (context or {}).items() if v is not None}
         self.start = _now()
@@ -388,7 +399,7 @@ class AuditSession:
         self._done = True
         t0 = time.perf_counter()
         if exc is not None and self.dataset_id is None:
-            self.identify(self.root)
+            self.identify(self._root_ref)
         if outcome is None:
             if exc is None or isinstance(exc, GeneratorExit):
                 outcome = "ok"
@@ -475,7 +486,8 @@ def _resolve(root: Any, key: Any, session: AuditSession) -> Any:
 def audited(action: str, key_arg: str = "key") -> Callable[[F], F]:
     """Decorate ``fn(root, ..., key, ...)`` so that each call appends an audit record.
 
-    The wrapped function gains keyword arguments ``audit_path`` and ``audit_context``.
+    The wrapped function gains keyword arguments ``audit_path``, ``audit_context`` and
+    ``storage_options`` (fsspec options of a URL root, never credentials).
     The key (parameter ``key_arg``) is resolved once here and passed on as a
     :class:`MasterKey`. For ``open``, the record is written when the reader is closed.
     """
@@ -485,9 +497,14 @@ def audited(action: str, key_arg: str = "key") -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, audit_path: str | None = None,
-                    audit_context: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+                    audit_context: Mapping[str, Any] | None = None,
+                    storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+            from lightning_sustain.data.storage import as_store, is_remote
+
             bound = sig.bind(*args, **kwargs)
             root = bound.arguments["root"]
+            if is_remote(root):  # a URL: one store (fsspec options, no secrets) for the call
+                root = bound.arguments["root"] = as_store(root, storage_options)
             session = AuditSession(root, action, audit_path=audit_path, context=audit_context)
             try:
                 bound.arguments[key_arg] = _resolve(root, bound.arguments[key_arg], session)

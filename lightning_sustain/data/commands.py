@@ -40,12 +40,15 @@ from lightning_sustain.data.writer import write_csv, write_npz
 
 __all__ = ["main"]
 
+from lightning_sustain.data.storage import StorageError  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_INTEGRITY = 1
 EXIT_USAGE = 2
 _USAGE_ERRORS = (
+    StorageError,  # unreachable store, missing credentials: not an integrity failure
     ConcurrentWriteError,
     DatasetNotFoundError,
     EmptyDatasetError,
@@ -112,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     p = sub.add_parser("encrypt", help="encrypt a CSV or .npz file into one split")
+    _add_storage_args(p)
     p.add_argument("--input", required=True, metavar="PATH", help=".csv (header row) or .npz")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
     p.add_argument("--split", default="train", help="split name (default: train)")
@@ -131,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_key_args(p)
 
     p = sub.add_parser("verify", help="authenticate every frame; report the first bad one")
+    _add_storage_args(p)
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
     p.add_argument("--split", action="append", help="split to check (repeatable; default all)")
     p.add_argument("--dataset-id", metavar="HEX",
@@ -161,6 +166,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="a head hash noted earlier that must still be in the chain")
     _add_key_args(a, required=False)
     return parser
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", metavar="JSON", default=None,
+                   help="fsspec options of a URL --root (s3://bucket/prefix), e.g. "
+                   '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'; never '
+                   "credentials (use AWS_* env vars, ~/.aws or instance metadata)")
+
+
+def _storage_options(args: argparse.Namespace) -> dict:
+    import json
+
+    raw = getattr(args, "storage_options", None)
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError:
+        raise ValueError("--storage-options is not valid JSON") from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return {"storage_options": opts}
 
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
@@ -268,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             shard_nbytes=args.shard_mib * 1024 * 1024,
             progress=not args.no_progress,
             masking=args.mask,
+            **_storage_options(args),
         )
         key = _key_ref(args, confirm=args.password)
         if src.suffix.lower() == ".npz":
@@ -289,7 +317,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         report = verify_dataset(args.root, _key_ref(args), args.split,
                                 pin_dataset_id=args.dataset_id,
-                                min_dataset_version=args.min_version, **_audit_kwargs(args))
+                                min_dataset_version=args.min_version, **_audit_kwargs(args),
+                                **_storage_options(args))
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not report.ok:

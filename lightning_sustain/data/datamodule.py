@@ -150,7 +150,7 @@ class EncryptedShardDataset(IterableDataset):
 
     def __init__(
         self,
-        root: str,
+        root: Any,
         split: str,
         key: KeyReference,
         *,
@@ -205,7 +205,8 @@ class EncryptedShardDataset(IterableDataset):
 
     def __repr__(self) -> str:
         return (
-            f"EncryptedShardDataset(root={self.root!r}, split={self.split!r}, key={self.key!r}, "
+            f"EncryptedShardDataset(root={str(self.root)!r}, split={self.split!r}, "
+            f"key={self.key!r}, "
             f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size})"
         )
 
@@ -280,9 +281,17 @@ class EncryptedShardDataset(IterableDataset):
         buffers: list[bytearray | np.ndarray] = []
         pending = 0
         remaining = plan.num_samples
+        ahead = _PREFETCH_FRAMES if getattr(reader, "_store", None) is not None else 0
         try:
-            for g, a, b in plan.reads:
+            for i, (g, a, b) in enumerate(plan.reads):
                 si, fi, _ = units[g]
+                if ahead and i % ahead == 0:  # remote root: read ahead while decrypting
+                    if i == 0:
+                        reader.prefetch([units[h][:2] for h, _, _ in plan.reads[:ahead]],
+                                        background=True)
+                    reader.prefetch([units[h][:2] for h, _, _ in plan.reads[i + ahead:
+                                                                          i + 2 * ahead]],
+                                    background=True)
                 cols, buf = reader.read_frame(si, fi)
                 buffers.append(buf)
                 if reader.audit is not None:
@@ -332,6 +341,9 @@ class EncryptedShardDataset(IterableDataset):
             audit, reader.audit = reader.audit, None
             if audit is not None:
                 audit.finish()
+
+
+_PREFETCH_FRAMES = 16  # frames of ciphertext read ahead concurrently from object storage
 
 
 def _release(reader: SplitReader, item: bytearray | np.ndarray) -> None:
@@ -407,6 +419,18 @@ class EncryptedShardDataModule(LightningDataModule):
             ``setup`` and every pass of a worker over a split appends a record
             (:mod:`lightning_sustain.data.audit`).
         audit_purpose: Why the data is decrypted (e.g. a ticket or study id), recorded.
+        storage_options: fsspec options of a URL ``root`` (``s3://bucket/prefix``,
+            ``gs://...``): endpoint, region, ``config_kwargs``. Never credentials: keys such
+            as ``secret``, ``key``, ``token``, ``password`` are refused; credentials come from
+            the provider chain (env vars, ``~/.aws``, instance metadata).
+        cache_dir: Local directory caching fetched ciphertext ranges of a URL root
+            (ciphertext only; frames are authenticated on every read).
+        storage_timeout_s: Connect/read timeout of one object-store request.
+        storage_retries: Retries of a transient object-store failure (timeouts, 5xx).
+
+    A URL root is read with range requests, one per frame; every DataLoader worker opens
+    its own filesystem (s3fs/aiohttp are not fork-safe). For a URL root the default
+    ``audit_path`` is a local file (see docs/data-governance.md).
     """
 
     sensitive_data: ClassVar[bool] = True
@@ -435,6 +459,10 @@ class EncryptedShardDataModule(LightningDataModule):
         persistent_workers: bool = False,
         audit_path: str | None = None,
         audit_purpose: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        storage_timeout_s: float = 30.0,
+        storage_retries: int = 3,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -455,6 +483,16 @@ class EncryptedShardDataModule(LightningDataModule):
             raise ValueError(f"dataset_version must be an integer >= 0, got {dataset_version!r}")
         self._key = KeyReference(env=key_env, file=key_file, provider=key_provider)
         self.root = str(root)
+        from lightning_sustain.data.storage import as_store, is_remote
+
+        # validated here (secret-like storage options are refused at construction); the
+        # filesystem itself is created lazily in the process that reads
+        self._store: Any = (
+            as_store(self.root, storage_options, cache_dir=cache_dir,
+                     timeout_s=storage_timeout_s, retries=storage_retries)
+            if is_remote(self.root) else str(as_store(self.root, storage_options))
+            if self.root.startswith("file://") else self.root
+        )
         self.splits = {
             "train": train_dir,
             "val": val_dir,
@@ -517,10 +555,10 @@ class EncryptedShardDataModule(LightningDataModule):
             DatasetNotFoundError: A configured split does not exist.
             ShardError: Any manifest fails authentication or consistency checks.
         """
-        audit = AuditSession(self.root, "setup", audit_path=self.audit_path,
+        audit = AuditSession(self._store, "setup", audit_path=self.audit_path,
                              context=self._audit_context())
         try:
-            data_key, dataset_id, key_id = resolve_data_key(self.root, self._key)
+            data_key, dataset_id, key_id = resolve_data_key(self._store, self._key)
         except BaseException as exc:
             audit.finish(exc)
             raise
@@ -536,7 +574,7 @@ class EncryptedShardDataModule(LightningDataModule):
                 name = self.splits[which]
                 assert name is not None
                 with SplitReader(
-                    self.root, name, data_key, dataset_id, pin_dataset_id=self.dataset_id,
+                    self._store, name, data_key, dataset_id, pin_dataset_id=self.dataset_id,
                     min_dataset_version=self.dataset_version,
                 ) as reader:
                     audit.split(name, reader.manifest.dataset_version)
@@ -624,7 +662,7 @@ class EncryptedShardDataModule(LightningDataModule):
             self.setup({"train": "fit", "val": "validate"}.get(which, which))
         rank, world = self._rank_world()
         dataset = EncryptedShardDataset(
-            self.root,
+            self._store,
             name,
             self._key,
             num_samples=self._num_samples[which],

@@ -893,15 +893,24 @@ def load_dataset_manifest(
 ) -> DatasetManifest | None:
     """Read ``<root>/dataset.lsd`` bounded and authenticated; ``None`` if it does not exist.
 
+    ``root`` is a local path or a :class:`~lightning_sustain.data.storage.RemoteStore`.
+
     Raises:
         ShardError: It is not a regular file, too large, modified or malformed.
     """
-    path = os.path.join(os.fspath(root), DATASET_MANIFEST_NAME)
+    from lightning_sustain.data.storage import as_store, is_remote
+
     try:
-        blob = read_regular_file(
-            path, MAX_DATASET_MANIFEST_NBYTES, label=DATASET_MANIFEST_NAME, error=ManifestError,
-            missing=_Missing,
-        )
+        if is_remote(root):
+            blob = as_store(root).read_small(DATASET_MANIFEST_NAME, MAX_DATASET_MANIFEST_NBYTES,
+                                   label=DATASET_MANIFEST_NAME, error=ManifestError,
+                                   missing=_Missing)
+        else:
+            blob = read_regular_file(
+                os.path.join(os.fspath(root), DATASET_MANIFEST_NAME),
+                MAX_DATASET_MANIFEST_NBYTES, label=DATASET_MANIFEST_NAME, error=ManifestError,
+                missing=_Missing,
+            )
     except _Missing:
         return None
     return decode_dataset_manifest(blob, aead, dataset_id=dataset_id)

@@ -616,12 +616,21 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
         KeyringError: If it is missing, not a regular file, too large or malformed.
         KeyFormatError: If its scrypt parameters are outside the accepted window.
     """
-    path = Path(root) / KEYRING_NAME
-    blob = read_regular_file(
-        path, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
-        missing_message=f"{str(path)!r} does not exist: {str(root)!r} is not an encrypted "
-        "dataset root (write one with `lightning-sustain encrypt`)",
-    )
+    from lightning_sustain.data.storage import as_store, is_remote
+
+    if is_remote(root):
+        blob = as_store(root).read_small(
+            KEYRING_NAME, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
+            missing_message=f"{KEYRING_NAME} does not exist: {str(root)!r} is not an encrypted "
+            "dataset root (write one with `lightning-sustain encrypt`)",
+        )
+    else:
+        path = Path(root) / KEYRING_NAME
+        blob = read_regular_file(
+            path, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
+            missing_message=f"{str(path)!r} does not exist: {str(root)!r} is not an encrypted "
+            "dataset root (write one with `lightning-sustain encrypt`)",
+        )
     doc = parse_json(blob, label=KEYRING_NAME, error=KeyringError, what=KEYRING_NAME)
 
     def bad(msg: str) -> KeyringError:
@@ -687,6 +696,13 @@ def rotate_key(
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
+    from lightning_sustain.data.storage import is_remote
+
+    if is_remote(root):
+        raise ValueError(
+            f"rotate-key works on a local root only ({str(root)!r} is in object storage, which "
+            "has no lock): copy keyring.json and dataset.lsd down, rotate, upload keyring.json"
+        )
     with keyring_lock(root):
         return _rotate_locked(root, old, new, new_uses_password)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import stat
 import struct
 from collections import OrderedDict
@@ -56,6 +57,7 @@ from lightning_sustain.data.format import (
     read_regular_file,
 )
 from lightning_sustain.data.keys import DataKey, KeyReference, MasterKey, load_keyring
+from lightning_sustain.data.storage import RemoteObject, RemoteStore, as_store, is_remote
 
 __all__ = ["SplitReader", "VerifyReport", "open_split", "verify_dataset"]
 
@@ -220,14 +222,21 @@ class SplitReader:
         min_dataset_version: int | None = None,
     ):
         check_split_name(split)
-        self.root = Path(root)
         self.split = split
-        self.directory = self.root / (directory or split)
-        rel = os.path.relpath(self.directory, self.root)
-        if rel.startswith("..") or os.path.isabs(rel):
-            raise PathTraversalError(f"split directory {directory!r} is outside root {root!s}")
+        self._store: RemoteStore | None = as_store(root) if is_remote(root) else None
+        if self._store is not None:
+            self.root: Any = self._store
+            rel = posixpath.normpath(directory or split)
+            if rel.startswith(("..", "/")) or "://" in rel:
+                raise PathTraversalError(f"split directory {directory!r} is outside root {root!s}")
+            self.directory: Any = self._store.display(rel)
+        else:
+            self.root = Path(root)
+            self.directory = self.root / (directory or split)
+            rel = os.path.relpath(self.directory, self.root)
+            if rel.startswith("..") or os.path.isabs(rel):
+                raise PathTraversalError(f"split directory {directory!r} is outside root {root!s}")
         self._rel = rel
-        manifest_path = self.directory / MANIFEST_NAME
         mname = f"{rel}/{MANIFEST_NAME}"
         aead = data_key.aead() if data_key is not None else None
         dm = load_dataset_manifest(self.root, aead, dataset_id)
@@ -238,8 +247,11 @@ class SplitReader:
                                min_dataset_version=min_dataset_version)
         self.dataset: DatasetManifest | None = dm
         entry = dm.splits.get(split) if dm is not None else None
-        blob = read_regular_file(
-            manifest_path, MAX_MANIFEST_NBYTES, label=mname, error=ManifestError,
+        read = (read_regular_file if self._store is None else
+                lambda _path, *a, **kw: self._store.read_small(mname, *a, **kw))
+        blob = read(
+            None if self._store is not None else self.directory / MANIFEST_NAME,
+            MAX_MANIFEST_NBYTES, label=mname, error=ManifestError,
             missing=DatasetNotFoundError if entry is None else MissingShardError,
             missing_message=(
                 f"no complete split {split!r} at {str(self.directory)!r} ({MANIFEST_NAME} "
@@ -278,10 +290,13 @@ class SplitReader:
             )
         if self.manifest.num_samples == 0 or not self.manifest.shards:
             raise EmptyDatasetError(f"split {split!r} holds no samples", shard=mname)
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds: OrderedDict[int, Any] = OrderedDict()
         self._openers: dict[int, FrameOpener] = {}
         self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
+        self._prefetched: dict[tuple[int, int], bytes] = {}  # remote ciphertext, read ahead
+        self._inflight: list[tuple[list[tuple[int, int]], Any]] = []
+        self._executor: Any = None
         self._layouts: dict[int, tuple] = {}
         self._views: dict[tuple[int, int], tuple] = {}
         self._names = [
@@ -332,13 +347,62 @@ class SplitReader:
 
     # -- file access -------------------------------------------------------------------
 
-    def _fd(self, si: int) -> int:
+    def _remote_object(self, si: int) -> RemoteObject:
+        """Stat a shard object and check its header and size (remote roots)."""
+        assert self._store is not None
+        name = self.shard_name(si)
+        try:
+            obj = self._store.open_object(name)
+        except (FileNotFoundError, IsADirectoryError):
+            raise MissingShardError(
+                f"shard object listed in the manifest does not exist at "
+                f"{self._store.display(name)!r}; restore it", shard=name
+            ) from None
+        self._check_shard(si, obj.size, lambda: obj.pread(SHARD_HEADER.size, 0))
+        return obj
+
+    def _check_shard(self, si: int, size: int, header: Any) -> None:
+        info = self.manifest.shards[si]
+        name = self.shard_name(si)
+        expected = ShardHeader(
+            self.manifest.cipher, self.manifest.dataset_id, self.manifest.dataset_version,
+            self.split, si, len(info.frames), self.manifest.write_id,
+        )
+        if size >= SHARD_HEADER.size:
+            expected.check(header(), name)
+        if size < info.size_bytes:
+            first_bad = next(
+                (i for i, (off, ln, _) in enumerate(info.frames) if off + ln > size), None
+            )
+            if size < SHARD_HEADER.size:
+                raise TruncatedShardError(
+                    f"shard is {size} bytes, shorter than its header; the manifest "
+                    f"records {info.size_bytes}: truncated; restore it", shard=name,
+                )
+            raise TruncatedShardError(
+                f"shard is {size} bytes, the manifest records {info.size_bytes}: "
+                f"truncated from frame {first_bad} on; restore it", shard=name, frame=first_bad,
+            )
+        if size > info.size_bytes:
+            raise ManifestError(
+                f"shard is {size} bytes, the manifest records {info.size_bytes}: "
+                "bytes were appended; restore it", shard=name,
+            )
+
+    def _fd(self, si: int) -> Any:
         fd = self._fds.get(si)
         if fd is not None:
             self._fds.move_to_end(si)
             return fd
         info = self.manifest.shards[si]
         name = self.shard_name(si)
+        if self._store is not None:
+            fd = self._remote_object(si)
+            self._fds[si] = fd
+            self._add_opener(si)
+            while len(self._fds) > _MAX_OPEN_FILES:
+                self._fds.popitem(last=False)
+            return fd
         path = self.directory / info.file
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
@@ -357,62 +421,38 @@ class SplitReader:
                     "place); restore it",
                     shard=name,
                 )
-            expected = ShardHeader(
-                self.manifest.cipher,
-                self.manifest.dataset_id,
-                self.manifest.dataset_version,
-                self.split,
-                si,
-                len(info.frames),
-                self.manifest.write_id,
-            )
             # the header first: a shard of another position/version/write that merely has
             # another size is a swap or replay, not a truncation
-            if st.st_size >= SHARD_HEADER.size:
-                expected.check(os.pread(fd, SHARD_HEADER.size, 0), name)
-            if st.st_size < info.size_bytes:
-                first_bad = next(
-                    (i for i, (off, ln, _) in enumerate(info.frames) if off + ln > st.st_size),
-                    None,
-                )
-                if st.st_size < SHARD_HEADER.size:
-                    raise TruncatedShardError(
-                        f"shard is {st.st_size} bytes, shorter than its header; the manifest "
-                        f"records {info.size_bytes}: truncated; restore it",
-                        shard=name,
-                    )
-                raise TruncatedShardError(
-                    f"shard is {st.st_size} bytes, the manifest records {info.size_bytes}: "
-                    f"truncated from frame {first_bad} on; restore it",
-                    shard=name,
-                    frame=first_bad,
-                )
-            if st.st_size > info.size_bytes:
-                raise ManifestError(
-                    f"shard is {st.st_size} bytes, the manifest records {info.size_bytes}: "
-                    "bytes were appended; restore it",
-                    shard=name,
-                )
+            self._check_shard(si, st.st_size, lambda: os.pread(fd, SHARD_HEADER.size, 0))
         except BaseException:
             os.close(fd)
             raise
         self._fds[si] = fd
-        if self._aead is not None:
-            self._openers[si] = FrameOpener(self._aead, frame_aad_base(
-                self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
-                self.split, si,
-            ))
+        self._add_opener(si)
         while len(self._fds) > _MAX_OPEN_FILES:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
 
+    def _add_opener(self, si: int) -> None:
+        if self._aead is not None and si not in self._openers:
+            self._openers[si] = FrameOpener(self._aead, frame_aad_base(
+                self.manifest.dataset_id, self.manifest.write_id, self.manifest.dataset_version,
+                self.split, si,
+            ))
+
     def close(self) -> None:
         """Close shard files, wipe the buffer pool, append the open_split audit record."""
         while self._fds:
             _, fd = self._fds.popitem()
-            os.close(fd)
+            if isinstance(fd, int):
+                os.close(fd)
         self.wipe_pool()
+        self._prefetched.clear()
+        self._inflight = []
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         for buf, _, _ in self._views.values():
             wipe(buf)
         self._views.clear()
@@ -460,10 +500,19 @@ class SplitReader:
         fd = self._fds.get(shard_index)
         if fd is None:
             fd = self._fd(shard_index)
-        # nonce and ciphertext as two bytes objects: cryptography takes ``bytes`` without a
-        # cffi buffer conversion, which costs more than the extra pread (measured)
-        nonce = os.pread(fd, NONCE_NBYTES, offset)
-        body = os.pread(fd, length - NONCE_NBYTES, offset + NONCE_NBYTES)
+        if type(fd) is int:
+            # nonce and ciphertext as two bytes objects: cryptography takes ``bytes`` without
+            # a cffi buffer conversion, which costs more than the extra pread (measured)
+            nonce = os.pread(fd, NONCE_NBYTES, offset)
+            body = os.pread(fd, length - NONCE_NBYTES, offset + NONCE_NBYTES)
+        else:  # remote: one ranged GET per frame (or read ahead), never the whole shard
+            blob = self._prefetched.pop((shard_index, frame_index), None)
+            if blob is None and self._inflight:
+                self._collect(wait=True)
+                blob = self._prefetched.pop((shard_index, frame_index), None)
+            if blob is None or len(blob) != length:
+                blob = fd.pread(length, offset)
+            nonce, body = blob[:NONCE_NBYTES], blob[NONCE_NBYTES:]
         if len(body) != length - NONCE_NBYTES or len(nonce) != NONCE_NBYTES:
             raise TruncatedShardError(
                 f"frame ends past the end of the shard ({len(nonce) + len(body)} of {length} "
@@ -482,6 +531,8 @@ class SplitReader:
             except InvalidTag:
                 wipe(buf)  # decrypt_into may have written unauthenticated plaintext
                 self.release(buf)
+                if self._store is not None:
+                    self._store.forget_cached(self._names[shard_index])
                 raise _frame_failed(self._names[shard_index], frame_index) from None
         else:
             buf[:] = memoryview(body)[:size]
@@ -520,6 +571,54 @@ class SplitReader:
         if self.audit is not None:
             self.audit.frame(self._names[shard_index], n)
         return cols, buf
+
+    def prefetch(self, units: list[tuple[int, int]], *, background: bool = False) -> None:
+        """Fetch the ciphertext of upcoming frames concurrently (remote roots; no-op locally).
+
+        Only ciphertext is held (authenticated when :meth:`read_frame` decrypts it); a
+        range that fails here is read again, with retries, by :meth:`read_frame`. With
+        ``background`` the fetch runs in a helper thread while the caller decrypts.
+        """
+        if self._store is None:
+            return
+        self._collect(wait=False)
+        busy = {u for us, _ in self._inflight for u in us}
+        want = [(si, fi) for si, fi in dict.fromkeys(units)
+                if (si, fi) not in self._prefetched and (si, fi) not in busy]
+        if not want:
+            return
+        for si in dict.fromkeys(si for si, _ in want):
+            self._fd(si)  # stat + header check once per shard
+        items = []
+        for si, fi in want:
+            off, ln, _ = self._frames[si][fi]
+            items.append((self._names[si], off, ln))
+        if background:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="lss-prefetch")
+            self._inflight.append((want, self._executor.submit(self._store.read_ranges, items)))
+            return
+        for (si, fi), data in zip(want, self._store.read_ranges(items), strict=True):
+            if data is not None:
+                self._prefetched[(si, fi)] = data
+
+    def _collect(self, *, wait: bool) -> None:
+        """Move finished background fetches into the read-ahead map."""
+        keep = []
+        for want, fut in self._inflight:
+            if not (wait or fut.done()):
+                keep.append((want, fut))
+                continue
+            try:
+                got = fut.result()
+            except Exception:  # noqa: BLE001 - read_frame reads these again with retries
+                continue
+            for key, data in zip(want, got, strict=True):
+                if data is not None:
+                    self._prefetched[key] = data
+        self._inflight = keep
 
     def release(self, buf: bytearray) -> None:
         """Give a buffer returned by :meth:`read_frame` back for reuse.
@@ -644,12 +743,19 @@ def verify_dataset(
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
-    root = Path(root)
+    store = as_store(root) if is_remote(root) else None
+    root = store if store is not None else Path(root)
     report = VerifyReport(str(root))
     data_key, dataset_id, key_id = resolve_data_key(root, key)
     report.key_id = key_id
-    for leftover in sorted(root.glob(".*.incomplete-*")) + sorted(root.glob(".*.old-*")):
-        report.warnings.append(f"leftover of an interrupted write: {leftover.name} (delete it)")
+    if store is None:
+        leftovers = [p.name for p in sorted(root.glob(".*.incomplete-*"))
+                     + sorted(root.glob(".*.old-*"))]
+    else:
+        top = store.listdir("")
+        leftovers = [n for n, _ in top if ".incomplete-" in n or ".old-" in n]
+    for leftover in leftovers:
+        report.warnings.append(f"leftover of an interrupted write: {leftover} (delete it)")
 
     def fail(exc: ShardError) -> bool:
         report.errors.append(str(exc))
@@ -665,8 +771,12 @@ def verify_dataset(
         fail(exc)
         return report
     report.dataset_id, report.dataset_version = dm.dataset_id.hex(), dm.dataset_version
-    on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}")
-                     if not p.parent.name.startswith("."))
+    if store is None:
+        on_disk = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}")
+                         if not p.parent.name.startswith("."))
+    else:
+        on_disk = sorted(n for n, t in top if t == "directory" and not n.startswith(".")
+                         and store.exists(f"{n}/{MANIFEST_NAME}"))
     for name in on_disk:
         if name not in dm.splits and (splits is None or name in splits):
             exc = RollbackError(
@@ -692,9 +802,11 @@ def verify_dataset(
             continue
         with reader:
             listed = {s.file for s in reader.manifest.shards} | {MANIFEST_NAME}
-            for p in sorted(reader.directory.iterdir()):
-                if p.name not in listed:
-                    report.warnings.append(f"{split}/{p.name} is not listed in the manifest")
+            names = ([p.name for p in sorted(reader.directory.iterdir())] if store is None
+                     else [n for n, _ in store.listdir(reader._rel)])
+            for name in names:
+                if name not in listed:
+                    report.warnings.append(f"{split}/{name} is not listed in the manifest")
             for si, info in enumerate(reader.manifest.shards):
                 report.shards += 1
                 for fi in range(len(info.frames)):

@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ from lightning_sustain.data.keys import (
     scrypt_kdf_params,
 )
 from lightning_sustain.data.masking import Masker, MaskingSpec, load_masking_spec, pseudonym_key
+from lightning_sustain.data.storage import RemoteStore, as_store, is_remote
 
 __all__ = [
     "ShardWriter",
@@ -176,6 +178,14 @@ class ShardWriter:
         masking: Masking rules applied before encryption (:mod:`lightning_sustain.data.masking`;
             a :class:`MaskingSpec`, a mapping, or a JSON/YAML file path); recorded in the
             authenticated manifest.
+        storage_options: fsspec options of a URL ``root`` (endpoint, region, timeouts);
+            credentials come from the provider chain only (secret-like keys are refused).
+
+    A URL ``root`` (``s3://bucket/prefix``, ``memory://...``) is written through a local
+    staging directory holding ciphertext only (under ``TMPDIR``), then uploaded: shards,
+    the split manifest, and the dataset manifest last (the commit point). A dataset
+    manifest changed by another writer since this one started is refused
+    (:class:`ConcurrentWriteError`); see docs/shard-format.md, "Object storage".
 
     Raises:
         ValueError: Bad split name or sizes.
@@ -197,6 +207,7 @@ class ShardWriter:
         progress: bool = True,
         total: int | None = None,
         masking: MaskingSpec | Mapping[str, Any] | str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         _unencrypted_baseline: bool = False,
     ):
         check_split_name(split)
@@ -206,6 +217,14 @@ class ShardWriter:
             raise ValueError(f"frame_nbytes must be in 256..2**30, got {frame_nbytes}")
         if shard_nbytes < frame_nbytes:
             raise ValueError("shard_nbytes must be at least frame_nbytes")
+        self._remote: RemoteStore | None = None
+        self._remote_dm: bytes | None = None
+        self._created_keyring = False
+        if is_remote(root):
+            self._remote = as_store(root, storage_options)
+            root = self._stage_remote(self._remote)
+        elif storage_options:
+            raise ValueError("storage_options are for URL roots only (s3://, memory://, ...)")
         self.root = Path(root)
         self.split = split
         self.frame_nbytes = int(frame_nbytes)
@@ -239,6 +258,68 @@ class ShardWriter:
         self._bar = _progress(total, progress, f"encrypt {split}")
 
     # -- setup ----------------------------------------------------------------------------
+
+    def _stage_remote(self, store: RemoteStore) -> Path:
+        """Local staging root (ciphertext only) seeded with the remote keyring/manifest."""
+        from lightning_sustain.data.format import MAX_DATASET_MANIFEST_NBYTES
+        from lightning_sustain.data.keys import MAX_KEYRING_NBYTES
+
+        stage = Path(tempfile.mkdtemp(prefix="lightning-sustain-upload-"))
+        try:
+            self._remote_dm = self._remote_blob(DATASET_MANIFEST_NAME,
+                                                MAX_DATASET_MANIFEST_NBYTES)
+            if self._remote_dm is not None:
+                (stage / DATASET_MANIFEST_NAME).write_bytes(self._remote_dm)
+            ring = self._remote_blob(KEYRING_NAME, MAX_KEYRING_NBYTES)
+            if ring is not None:
+                (stage / KEYRING_NAME).write_bytes(ring)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return stage
+
+    def _remote_blob(self, name: str, max_nbytes: int) -> bytes | None:
+        assert self._remote is not None
+        try:
+            return self._remote.read_small(name, max_nbytes, label=name, error=ManifestError,
+                                           missing=_RemoteMissing)
+        except _RemoteMissing:
+            return None
+
+    def _check_remote_unchanged(self) -> None:
+        assert self._remote is not None
+        from lightning_sustain.data.format import MAX_DATASET_MANIFEST_NBYTES
+
+        now = self._remote_blob(DATASET_MANIFEST_NAME, MAX_DATASET_MANIFEST_NBYTES)
+        if now != self._remote_dm:
+            raise ConcurrentWriteError(
+                f"{DATASET_MANIFEST_NAME} at {self._remote.url!r} was changed by another writer "
+                f"while this one wrote split {self.split!r}; this write was not committed (its "
+                "uploaded objects may have replaced the split's objects: readers detect that "
+                "by authentication); re-run the write. Object storage has no lock: run one "
+                "writer per dataset at a time",
+                shard=DATASET_MANIFEST_NAME,
+            )
+
+    def _publish(self) -> None:
+        """Upload the committed staging split; the dataset manifest goes last (commit point)."""
+        store = self._remote
+        assert store is not None
+        split_dir = self.root / self.split
+        self._check_remote_unchanged()
+        names = sorted(p.name for p in split_dir.iterdir() if p.name != MANIFEST_NAME)
+        for name in names:
+            store.upload(split_dir / name, f"{self.split}/{name}")
+        store.upload(split_dir / MANIFEST_NAME, f"{self.split}/{MANIFEST_NAME}")
+        self._check_remote_unchanged()
+        if getattr(self, "_update_dataset", True):
+            store.upload(self.root / DATASET_MANIFEST_NAME, DATASET_MANIFEST_NAME)
+        if self._created_keyring:
+            store.upload(self.root / KEYRING_NAME, KEYRING_NAME)
+        listed = {*names, MANIFEST_NAME}
+        for name, _ in store.listdir(self.split):
+            if name not in listed:
+                store.remove(f"{self.split}/{name}")
 
     def _setup_keys(self, key: Any, password: bool, scrypt_n: int, plain: bool) -> None:
         if plain:
@@ -280,6 +361,7 @@ class ShardWriter:
             _write_file(self.root / DATASET_MANIFEST_NAME, empty.encode(self._aead))
             self._new_keyring.save(self.root)
             self._new_keyring = None
+            self._created_keyring = True
 
     def _dataset_manifest(self) -> DatasetManifest:
         if self._aead is None and (self.root / KEYRING_NAME).exists():
@@ -522,6 +604,8 @@ class ShardWriter:
             _fsync_dir(self._staging)
             with keyring_lock(self.root):
                 self._commit_locked()
+            if self._remote is not None:
+                self._publish()
         except BaseException:
             self.abort()
             raise
@@ -529,8 +613,11 @@ class ShardWriter:
         self._unlock_staging()
         if self._bar is not None:
             self._bar.close()
+        if self._remote is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
         result = WriteResult(
-            str(self.root), self.split, self.dataset_id.hex(), self.dataset_version, self.key_id,
+            str(self._remote or self.root), self.split, self.dataset_id.hex(),
+            self.dataset_version, self.key_id,
             self._num_samples, len(self._shards), sum(len(s.frames) for s in self._shards),
             self._bytes, self.generation, self.write_id.hex(),
         )
@@ -588,6 +675,8 @@ class ShardWriter:
             self._fh = None
         shutil.rmtree(self._staging, ignore_errors=True)
         self._unlock_staging()
+        if self._remote is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()
 
@@ -601,10 +690,15 @@ class ShardWriter:
             self.abort()
 
     def __repr__(self) -> str:
-        return f"ShardWriter(root={str(self.root)!r}, split={self.split!r}, key_id={self.key_id!r})"
+        return (f"ShardWriter(root={str(self._remote or self.root)!r}, split={self.split!r}, "
+                f"key_id={self.key_id!r})")
 
     def __reduce__(self):
         raise TypeError("ShardWriter holds a data key and cannot be pickled")
+
+
+class _RemoteMissing(ManifestError):
+    pass
 
 
 def _now() -> str:
