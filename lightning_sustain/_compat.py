@@ -92,7 +92,8 @@ PRIVATE_MEMBERS: dict[str, tuple[str, ...]] = {
         "_main_pid",
     ),
     "SubprocessScriptLauncher": ("_call_children_scripts", "procs", "cluster_environment"),
-    "MultiProcessingLauncher": ("procs",),
+    # _wrapping_function: overridden, so a spawned rank's failure reaches the strategy
+    "MultiProcessingLauncher": ("procs", "_wrapping_function", "_strategy"),
 }
 
 

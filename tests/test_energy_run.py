@@ -219,3 +219,31 @@ def test_unknown_stage_and_bad_state_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not in a known format"):
         run.load_state_dict({"version": 99})
     run.close()
+
+
+def test_a_pickled_run_opens_its_own_devices_and_keeps_totals(tmp_path: Path) -> None:
+    """ddp_spawn pickles the Trainer's callbacks (and so their run) into every rank."""
+    import pickle
+
+    fresh = pickle.loads(pickle.dumps(make_run(tmp_path / "fresh")))
+    with fresh:
+        for _ in range(3):
+            fresh.step(samples=2)
+            time.sleep(0.002)
+    assert fresh.summary["totals"]["steps"] == 3
+
+    run = make_run(tmp_path / "used")
+    with run:
+        for _ in range(4):
+            run.step(samples=2)
+            time.sleep(0.002)
+    first_j = run.summary["totals"]["energy_j"]
+    run.start_stage("test")  # an open stage and live threads do not travel
+    copy = pickle.loads(pickle.dumps(run))
+    run.close()
+    assert copy.current_stage is None and copy.meter is None
+    with copy.stage("validate"):  # its own devices (here: none found, so 0 J added)
+        copy.step(samples=2)
+    totals = copy.summary["totals"]
+    assert totals["steps"] == 4 and totals["energy_j"] == pytest.approx(first_j)
+    assert [s["stage"] for s in copy.summary["stages"]][-1] == "validate"

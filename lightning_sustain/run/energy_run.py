@@ -343,6 +343,36 @@ class EnergyRun:
         logger.info("EnergyRun measuring: %s", labels or "nothing")
         return self
 
+    # -- pickling (ddp_spawn pickles the Trainer's callbacks into each rank) --------------
+    _LIVE_FIELDS = (
+        "_resolver", "meter", "accountant", "_cuda_clock", "_trace_writer", "_pending_cuda",
+    )  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but live resources: threads, locks, open devices and files.
+
+        A copy in another process (a spawned rank) opens its own devices when its first
+        stage starts; the totals recorded so far travel with it.
+        """
+        state = dict(self.__dict__)
+        for name in ("_lock", "_stop_resolver", "_wake_resolver"):
+            state.pop(name, None)
+        for name in self._LIVE_FIELDS:
+            state[name] = [] if name == "_pending_cuda" else None
+        state["_stage"] = None
+        state["_trace_started"] = False
+        if self.meter is not None and self._given_devices == []:
+            # devices handed to this run were consumed by its meter and do not travel:
+            # the copy discovers its own from nvml_devices / cpu
+            state["_given_devices"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._stop_resolver = threading.Event()
+        self._wake_resolver = threading.Event()
+
     def close(self) -> None:
         """End an open stage (as completed), stop sampling and close the trace.
 

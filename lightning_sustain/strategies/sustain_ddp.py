@@ -216,6 +216,20 @@ class _SustainSpawnLauncher(_MultiProcessingLauncher):
             restore_node_limits()
             raise
 
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        # In a spawned rank Lightning runs the fit without its exception handling (that
+        # runs in the launching process, where this rank's state does not exist), so the
+        # strategy's on_exception (restore, ddp_summary.json after a failure) never ran
+        # here; call it before the exception leaves the rank.
+        try:
+            super()._wrapping_function(*args, **kwargs)
+        except BaseException as exc:
+            try:
+                self._strategy.on_exception(exc)
+            except Exception as inner:  # never mask the training error
+                logger.warning("After a failure in a spawned rank: %s", inner)
+            raise
+
 
 class _WaitClock:
     """Timestamps of gradient buckets: ready (hook called) and synchronised (future done).
