@@ -139,7 +139,7 @@ def bench_cost(steps: int = 1500) -> dict:
     torch.set_num_threads(1)
     sim = SimulatedNVML(1).install()
     with tempfile.TemporaryDirectory() as root:
-        monitor = TimedMonitor(output_dir=root)
+        monitor = TimedMonitor(dirpath=root)
         timer = StepTimer()
         marks = {}
 
@@ -179,7 +179,7 @@ def bench_overhead(pairs: int = 11, steps: int = 600) -> dict:
             order = ("with", "without") if i % 2 == 0 else ("without", "with")
             for variant in order:
                 timer = StepTimer()
-                cbs = [timer] + ([EnergyMonitor(output_dir=root)] if variant == "with" else [])
+                cbs = [timer] + ([EnergyMonitor(dirpath=root)] if variant == "with" else [])
                 torch.manual_seed(0)
                 trainer(steps, cbs, root).fit(Model(), loader)
                 results[variant] = timer.steps_per_s()
@@ -240,7 +240,7 @@ def bench_accuracy(steps: int = 600, busy_s: float = 0.02) -> dict:
     sim = SimulatedNVML(1, counter_period_s=0.1).install()
     with tempfile.TemporaryDirectory() as root:
         # report=False: the report is built after the monitor closes its fit interval
-        monitor = EnergyMonitor(output_dir=root, cpu="none", report=False)
+        monitor = EnergyMonitor(dirpath=root, cpu="none", report=False)
         truth = GroundTruth(sim)
         marks: dict[str, tuple[float, float]] = {}
 
@@ -293,7 +293,7 @@ with tempfile.TemporaryDirectory() as root:
             super().__init__(width=8)
     loader = data(1000, batch=8)
     epochs = (steps + 999) // 1000
-    t = trainer(steps, [EnergyMonitor(output_dir=root)], root)
+    t = trainer(steps, [EnergyMonitor(dirpath=root)], root)
     t.fit_loop.max_epochs = epochs
     t.fit(Small(), loader)
 print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))

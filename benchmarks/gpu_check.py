@@ -99,7 +99,7 @@ def fit(steps: int, with_monitor: bool, root: str, device: int) -> tuple[float, 
     timer = Timer()
     callbacks: list = [timer]
     if with_monitor:
-        callbacks.append(EnergyMonitor(output_dir=root, report=False))
+        callbacks.append(EnergyMonitor(dirpath=root, report=False))
     trainer = pl.Trainer(
         accelerator="gpu", devices=[device], max_steps=steps, callbacks=callbacks,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -173,7 +173,7 @@ def fsdp_check(device: int, steps: int = 2000, batch: int = 512) -> list[tuple[s
                 strategy, fsdp2 = make()
                 trainer = pl.Trainer(
                     accelerator="gpu", devices=[device], strategy=strategy, max_steps=steps,
-                    callbacks=[EnergyMonitor(output_dir=root, report=False)], logger=False,
+                    callbacks=[EnergyMonitor(dirpath=root, report=False)], logger=False,
                     enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False,
                 )  # fmt: skip

@@ -196,7 +196,7 @@ def test_hardware_mode_with_a_lost_gpu_is_a_clear_error(sim, tmp_path):
     sim.set_fault(0, "gpu_lost")
     try:
         with pytest.raises(PowerBudgetError, match="mode='hardware'"):
-            _trainer(tmp_path, [PowerBudget(watts=200, mode="hardware", gpus=[0])]).fit(
+            _trainer(tmp_path, [PowerBudget(watts=200, mode="hardware", nvml_devices=[0])]).fit(
                 TinyClassifier(), loader()
             )
     finally:

@@ -399,13 +399,25 @@ def test_file_changing_during_the_run(sim, tmp_path, caplog):
     assert "previous version stays in use" in caplog.text and "steps.csv" in caplog.text
 
 
+class _BurnCpu(Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        end = time.process_time() + self.seconds
+        while time.process_time() < end:
+            pass
+
+
 def test_cpu_only_machine_uses_the_software_throttle(tmp_path):
     path = _steps_file(tmp_path, [(-10, 600), (3600, 600)])
     controller = CarbonAwareController(
         intensity_file=path, max_slowdown=0.3, warmup_steps=3, decide_every_s=0.01,
         cpu="estimate",
     )  # fmt: skip
-    trainer = _trainer(tmp_path, [controller], max_steps=12)
+    # ~25 ms of CPU work per step: on a quiet machine 12 bare tiny steps end before the
+    # CPU estimate's sampler has a second point, and the run would measure 0 J
+    trainer = _trainer(tmp_path, [_BurnCpu(0.025), controller], max_steps=12)
     trainer.fit(TinyClassifier(), loader(n=32 * 12))
     assert trainer.global_step == 12
     assert controller.hardware_mode == "software"

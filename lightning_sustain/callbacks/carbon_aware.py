@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.budget.carbon import (
     CarbonDecision,
     DecisionLog,
@@ -147,7 +148,8 @@ class CarbonAwareController(Callback):
             ``log_dir`` (else ``default_root_dir``).
         checkpoint_dir: where a pause or budget checkpoint goes; None:
             ``<default_root_dir>/checkpoints``.
-        gpus: which GPUs (see :class:`PowerBudget`).
+        nvml_devices: which GPUs (see :class:`PowerBudget`).
+        gpus: deprecated name of ``nvml_devices``.
         cpu: what is measured where there is no NVML GPU.
         interval_s: meter sampling interval.
 
@@ -182,11 +184,13 @@ class CarbonAwareController(Callback):
         margin: float = 0.1,
         dirpath: str | None = None,
         checkpoint_dir: str | None = None,
-        gpus: GpuSelection = "auto",
+        nvml_devices: GpuSelection = "auto",
         cpu: CpuSelection = "auto",
         interval_s: float | None = None,
+        gpus: GpuSelection | None = None,
     ) -> None:
         super().__init__()
+        gpus = renamed_argument("CarbonAwareController", "gpus", gpus, "nvml_devices", nvml_devices)
         if mode not in ("power", "pause"):
             raise ValueError(f"mode={mode!r} is not valid: use 'power' or 'pause'.")
         if power_control not in ("auto", "hardware", "software"):

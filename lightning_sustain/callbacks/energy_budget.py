@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_sustain._compat import can_stop_early
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.budget.forecast import (
     EnergyForecast,
     StepEnergyTracker,
@@ -114,7 +115,8 @@ class EnergyBudget(Callback):
         carbon_intensity_g_per_kwh: grid intensity in gCO2e/kWh; exclusive with ``country``.
         country: ISO 3166 code looked up in the shipped table; neither given: world average.
         pue: the data centre's power usage effectiveness (>= 1.0), applied to CO2e.
-        gpus: which GPUs to count (see :class:`EnergyMonitor`).
+        nvml_devices: which GPUs to count (see :class:`EnergyMonitor`).
+        gpus: deprecated name of ``nvml_devices``.
         cpu: CPU measurement: ``"auto"``, ``"rapl"``, ``"estimate"`` or ``"none"``.
         watts_per_core: power of one busy core for the CPU estimate, in watts.
         check_every_n_steps: how often the budget is checked (a small all-reduce under
@@ -137,14 +139,16 @@ class EnergyBudget(Callback):
         carbon_intensity_g_per_kwh: float | None = None,
         country: str | None = None,
         pue: float = 1.0,
-        gpus: GpuSelection = "auto",
+        nvml_devices: GpuSelection = "auto",
         cpu: CpuSelection = "auto",
         watts_per_core: float = DEFAULT_WATTS_PER_CORE,
         check_every_n_steps: int | None = None,
         checkpoint_dir: str | None = None,
         interval_s: float | None = None,
+        gpus: GpuSelection | None = None,
     ) -> None:
         super().__init__()
+        gpus = renamed_argument("EnergyBudget", "gpus", gpus, "nvml_devices", nvml_devices)
         if (max_kwh is None) == (max_co2e_g is None):
             raise ValueError(
                 "EnergyBudget needs exactly one of max_kwh (energy) or max_co2e_g (emissions)."

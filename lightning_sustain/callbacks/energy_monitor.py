@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.energy.efficiency import StepFlops
 from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive_int
 from lightning_sustain.energy.meter import EnergyMeter
@@ -166,22 +166,8 @@ class EnergyMonitor(Callback):
         intensity_timezone: str = "UTC",
     ) -> None:
         super().__init__()
-        if gpus is not None:
-            warnings.warn(
-                "EnergyMonitor(gpus=...) is deprecated (Trainer's `gpus=` was removed): use "
-                "nvml_devices=... instead.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            nvml_devices = gpus
-        if output_dir is not None:
-            warnings.warn(
-                "EnergyMonitor(output_dir=...) is deprecated: use dirpath=... "
-                "(the name ModelCheckpoint uses).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            dirpath = output_dir if dirpath is None else dirpath
+        nvml_devices = renamed_argument("EnergyMonitor", "gpus", gpus, "nvml_devices", nvml_devices)
+        dirpath = renamed_argument("EnergyMonitor", "output_dir", output_dir, "dirpath", dirpath)
         self.log_every_n_steps = validate_positive_int("log_every_n_steps", log_every_n_steps)
         self.run = EnergyRun(
             dirpath=None,

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.budget.limits import PowerLimitGuard, ensure_sigterm_handler
 from lightning_sustain.budget.shares import device_share_w
 from lightning_sustain.budget.throttle import SoftwareThrottle
@@ -97,8 +98,9 @@ class PowerBudget(Callback):
         per: ``"device"``: each device may draw ``watts``; ``"job"``: all ranks together,
             split equally between ranks (and within a rank between its devices).
         mode: ``"auto"``, ``"hardware"`` or ``"software"``.
-        gpus: which GPUs to cap: ``"auto"`` (the GPU this process trains on), ``"local_rank"``,
-            ``"none"`` or NVML indices.
+        nvml_devices: which GPUs to cap: ``"auto"`` (the GPU this process trains on),
+            ``"local_rank"``, ``"none"`` or NVML indices.
+        gpus: deprecated name of ``nvml_devices``.
         cpu: CPU measurement for software mode on a machine without NVML GPUs: ``"auto"``,
             ``"rapl"``, ``"estimate"`` (``"none"`` disables software mode there).
         watts_per_core: power of one busy core for the CPU estimate, in watts.
@@ -115,14 +117,16 @@ class PowerBudget(Callback):
         watts: float,
         per: Literal["device", "job"] = "device",
         mode: Literal["auto", "hardware", "software"] = "auto",
-        gpus: GpuSelection = "auto",
+        nvml_devices: GpuSelection = "auto",
         cpu: CpuSelection = "auto",
         watts_per_core: float = DEFAULT_WATTS_PER_CORE,
         window_s: float = 10.0,
         max_sleep_s: float = 2.0,
         interval_s: float | None = None,
+        gpus: GpuSelection | None = None,
     ) -> None:
         super().__init__()
+        gpus = renamed_argument("PowerBudget", "gpus", gpus, "nvml_devices", nvml_devices)
         self.watts = validate_positive("watts", watts)
         if per not in ("device", "job"):
             raise ValueError(f"per={per!r} is not valid: use 'device' or 'job'.")

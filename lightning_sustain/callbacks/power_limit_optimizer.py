@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.budget.limits import PowerLimitGuard, ensure_sigterm_handler
 from lightning_sustain.budget.optimizer import (
     OBJECTIVES,
@@ -58,7 +59,8 @@ class PowerLimitOptimizer(Callback):
             limit, clamped to the device's range.
         warmup_steps: steps before profiling starts (>= 1; the first step is start-up).
         steps_per_limit: steps measured at each limit.
-        gpus: which GPUs (see :class:`EnergyMonitor`).
+        nvml_devices: which GPUs (see :class:`EnergyMonitor`).
+        gpus: deprecated name of ``nvml_devices``.
 
     Raises:
         ValueError: a setting is not valid; the message names it.
@@ -71,9 +73,11 @@ class PowerLimitOptimizer(Callback):
         limits_w: list[float] | None = None,
         warmup_steps: int = 3,
         steps_per_limit: int = 5,
-        gpus: GpuSelection = "auto",
+        nvml_devices: GpuSelection = "auto",
+        gpus: GpuSelection | None = None,
     ) -> None:
         super().__init__()
+        gpus = renamed_argument("PowerLimitOptimizer", "gpus", gpus, "nvml_devices", nvml_devices)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}.")
         max_slowdown = as_number("max_slowdown", max_slowdown)

@@ -57,6 +57,7 @@ from lightning_sustain._compat import StrategyRegistryType as _StrategyRegistry
 from lightning_sustain._compat import SubprocessScriptLauncher as _SubprocessScriptLauncher
 from lightning_sustain._compat import register_ddp_comm_hook as _register_ddp_comm_hook
 from lightning_sustain._compat import set_num_threads_if_needed as _set_num_threads_if_needed
+from lightning_sustain._deprecation import renamed_argument
 from lightning_sustain.budget.limits import (
     PowerLimitGuard,
     ensure_sigterm_handler,
@@ -378,7 +379,8 @@ class SustainDDPStrategy(DDPStrategy):
             follows the Trainer's ``log_every_n_steps``.
         measure_wait: time gradient synchronisation with a communication hook.
         summary: write ``ddp_summary.json`` and log the per-rank table at the end of fit.
-        output_dir: where the summary goes; ``None`` means ``trainer.log_dir``.
+        dirpath: where the summary goes; ``None`` means ``trainer.log_dir``.
+        output_dir: deprecated name of ``dirpath``.
         \**kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters``,
             ``static_graph``, ``bucket_cap_mb``, ...).
 
@@ -411,9 +413,13 @@ class SustainDDPStrategy(DDPStrategy):
         log_every_n_steps: Optional[int] = None,
         measure_wait: bool = True,
         summary: bool = True,
+        dirpath: Optional[str] = None,
         output_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
+        output_dir = renamed_argument(
+            "SustainDDPStrategy", "output_dir", output_dir, "dirpath", dirpath
+        )
         if comm_hook is not None and comm_hook not in COMM_HOOKS:
             raise ValueError(
                 f"comm_hook={comm_hook!r} is not known: use one of "
