@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/tabular/demo.py --output-dir demo_output
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --reruns 2 --reruns-delay 1
 
 # Lightning versions: the oldest we claim (pyproject's lower bound) and the newest 2.x.
 COMPAT_VENV := .venv-compat

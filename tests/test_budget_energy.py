@@ -95,14 +95,20 @@ def test_resume_keeps_counting(sim, tmp_path):
     ckpt = first.checkpoint_path
     assert ckpt is not None
 
-    # the same budget: nothing is left, so training stops before another step
+    # the same budget: what is left is at most the first run's safety margin (its decision
+    # used a predicted tail and a conservative next-step bound; the checkpoint holds the
+    # measured energy), so the resumed run stops within a few steps and never crosses it
+    truth0 = Truth(sim)
     again = EnergyBudget(max_kwh=40.0 / KWH, cpu="none")
-    trainer = _trainer(tmp_path, [again])
+    trainer = _trainer(tmp_path, [truth0, again])
     trainer.fit(_model(sim), loader(n=32 * 60), ckpt_path=ckpt)
-    assert trainer.global_step == stopped_at
+    assert stopped_at <= trainer.global_step <= stopped_at + 8
+    assert again.prior_spent_j + truth0.spent_j <= 40.0 * 1.02
     # the checkpoint holds the energy at the moment it was written; first.spent_j is the
     # last check's figure, taken a step or a validation earlier or later (timing-dependent)
-    assert again.prior_spent_j == pytest.approx(first.spent_j, rel=0.25)
+    # (first.spent_j also counts the stop checkpoint, written after the saved state)
+    at_save_j = first.spent_j - first.checkpoint_energy_j
+    assert again.prior_spent_j == pytest.approx(at_save_j, rel=0.25)
 
     # a larger budget continues from the energy already spent
     truth = Truth(sim)

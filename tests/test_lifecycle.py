@@ -200,7 +200,9 @@ def test_resume_totals_cover_the_whole_training(setup, tmp_path) -> None:
     assert state["optimizer_steps"] == 8
     fit_j_at_save = sum(state["phases"]["fit"]["device_energy_j"].values())
     start_of_run1 = [e for s, k, e in log if s == "fit" and k == "start"][0]
-    assert fit_j_at_save == pytest.approx(saved[1] - start_of_run1, rel=REL)
+    # the saved figure is measured up to the counter's last update (it lags by up to one
+    # update: one boundary's error), the truth up to the save itself
+    assert fit_j_at_save == pytest.approx(saved[1] - start_of_run1, rel=REL, abs=BOUNDARY_J)
 
     log.clear()
     resumed_monitor = EnergyMonitor(cpu="none", dirpath=str(run_dir.parent / "run2"), report=False)
@@ -212,7 +214,9 @@ def test_resume_totals_cover_the_whole_training(setup, tmp_path) -> None:
     assert summary["resumed"] is True
     assert totals["steps"] == trainer2.global_step == 20
     assert totals["batches"] == 20
-    assert totals["fit_energy_j"] == pytest.approx(fit_j_at_save + truth2, rel=REL)
+    assert totals["fit_energy_j"] == pytest.approx(
+        fit_j_at_save + truth2, rel=REL, abs=2 * BOUNDARY_J
+    )
     assert totals["energy_j"] == pytest.approx(totals["fit_energy_j"])
     assert totals["energy_kwh"] == pytest.approx(totals["energy_j"] / 3.6e6)
     assert totals["duration_s"] > state["phases"]["fit"]["duration_s"]

@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -225,10 +226,19 @@ class _SustainSpawnLauncher(_MultiProcessingLauncher):
         try:
             super()._wrapping_function(*args, **kwargs)
         except BaseException as exc:
+            # torch's spawn SIGTERMs the surviving ranks as soon as one dies: let this
+            # rank finish restoring and writing its summary first (it exits right after)
+            try:
+                previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            except (ValueError, OSError):  # not the main thread
+                previous = None
             try:
                 self._strategy.on_exception(exc)
-            except Exception as inner:  # never mask the training error
+            except BaseException as inner:  # never mask the training error
                 logger.warning("After a failure in a spawned rank: %s", inner)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
             raise
 
 
