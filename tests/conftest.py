@@ -40,9 +40,17 @@ def _restore_environment():
     for peers.
     """
     import os
+    import signal
 
     saved = dict(os.environ)
+    # Lightning's KeyboardInterrupt path sets SIGINT to SIG_IGN in the process (and our
+    # guards install SIGTERM handlers); a child started later would inherit an ignored
+    # SIGINT, so a test sending Ctrl-C to a job would see it run to the end
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            signal.signal(sig, handler)
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)

@@ -38,6 +38,9 @@ SCRIPT = textwrap.dedent(
     from lightning_sustain.strategies.sustain_ddp import SustainDDPStrategy
     from lightning_sustain.testing import SimulatedNVML
 
+    # Ctrl-C is Ctrl-C here, whatever SIGINT disposition the test process passed down
+    # (Lightning's KeyboardInterrupt path leaves SIGINT ignored in a process that ran it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     CFG = json.loads(open(os.environ["FAULT_CONFIG"]).read())
     OUT = CFG["out"]
 

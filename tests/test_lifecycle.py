@@ -145,8 +145,9 @@ def test_fit_then_other_stage_keeps_fit(setup, second) -> None:
     assert trace_rows(run_dir) == rows_after_fit, "the trace is never truncated"
     assert len(rows_after_fit) == 10
     # the new stage is measured and added to the headline totals
-    assert phase_j(after, stage) == pytest.approx(truth[stage][0], rel=REL)
-    assert phase_j(after, "fit") == pytest.approx(truth["fit"][0], rel=REL)
+    # a short stage has two boundaries, each misplacing up to BOUNDARY_J
+    assert phase_j(after, stage) == pytest.approx(truth[stage][0], rel=REL, abs=2 * BOUNDARY_J)
+    assert phase_j(after, "fit") == pytest.approx(truth["fit"][0], rel=REL, abs=2 * BOUNDARY_J)
     assert after["totals"]["energy_j"] == pytest.approx(
         after_fit["totals"]["energy_j"] + phase_j(after, stage)
     )
