@@ -464,11 +464,7 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        samples = _batch_size(batch)
-        tokens = 0
-        if self._count_tokens is not None or self.tokens_per_sample is not None:
-            tokens = self._tokens(pl_module, batch, outputs, "validation", samples)
-        self.run.step(samples, tokens)
+        self._count_batch(pl_module, batch, outputs, "validation")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run.current_stage == "validate":
@@ -483,6 +479,16 @@ class EnergyMonitor(Callback):
             }
             self.run.record_metrics(values, epoch=trainer.current_epoch, step=trainer.global_step)
 
+    def _count_batch(
+        self, pl_module: pl.LightningModule, batch: Any, outputs: Any, stage: str
+    ) -> None:
+        """One evaluation batch: its samples and (when counted) tokens, as a step boundary."""
+        samples = _batch_size(batch)
+        tokens = 0
+        if self._count_tokens is not None or self.tokens_per_sample is not None:
+            tokens = self._tokens(pl_module, batch, outputs, stage, samples)
+        self.run.step(samples, tokens)
+
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, "test")
 
@@ -495,11 +501,7 @@ class EnergyMonitor(Callback):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        samples = _batch_size(batch)
-        tokens = 0
-        if self._count_tokens is not None or self.tokens_per_sample is not None:
-            tokens = self._tokens(pl_module, batch, outputs, "test", samples)
-        self.run.step(samples, tokens)
+        self._count_batch(pl_module, batch, outputs, "test")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer)
