@@ -140,12 +140,7 @@ class PowerBudget(Callback):
 
     # -- shares ------------------------------------------------------------------------
     def device_budget_w(self, world_size: int, devices_in_rank: int) -> float:
-        """The budget of one device of a rank under this callback's ``per`` setting.
-
-        ``per="job"`` splits ``watts`` equally between ``world_size`` ranks, then between
-        the rank's devices; the DDP power-shifting strategy may replace the split through
-        :meth:`set_rank_budget_w`.
-        """
+        """One device's budget under ``per`` (see :meth:`PowerCapController.device_budget_w`)."""
         return device_share_w(self.watts, self.per, world_size, max(1, devices_in_rank))
 
     @property
@@ -154,10 +149,9 @@ class PowerBudget(Callback):
         return self.report.rank_budget_w
 
     def set_rank_budget_w(self, watts: float) -> None:
-        """Change this process's budget while training (e.g. power shifted between ranks).
+        """Change this process's budget while training (power shifted between ranks).
 
-        Hardware mode re-applies the device limits (clamped); software mode changes the
-        throttle's target. Takes effect from the next step.
+        See :meth:`PowerCapController.set_rank_budget_w`.
 
         Raises:
             ValueError: a non-positive budget.
