@@ -42,6 +42,7 @@ from lightning_sustain._compat import StrategyRegistryType as _StrategyRegistry
 from lightning_sustain._compat import SubprocessScriptLauncher as _SubprocessScriptLauncher
 from lightning_sustain._compat import set_num_threads_if_needed as _set_num_threads_if_needed
 from lightning_sustain._deprecation import renamed_argument
+from lightning_sustain.budget.limits import reap_dead_owners
 from lightning_sustain.budget.power_cap import PowerCapController
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.discovery import warn_once
@@ -393,9 +394,7 @@ class SustainDDPStrategy(SustainDDPViews, DDPStrategy):
                 step = trainer.global_step if trainer is not None else 0
                 accounting.fail(exception, step, trainer.num_nodes if trainer else 1)
             else:
-                from lightning_sustain.budget.limits import reap_dead_owners
-
-                reap_dead_owners()
+                reap_dead_owners()  # a peer that died cannot release its caps
         finally:
             super().on_exception(exception)
 
