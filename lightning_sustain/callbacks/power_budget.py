@@ -97,22 +97,27 @@ class PowerBudget(Callback):
     ) -> None:
         super().__init__()
         gpus = renamed_argument("PowerBudget", "gpus", gpus, "nvml_devices", nvml_devices)
-        self.watts = validate_positive("watts", watts)
-        if per not in ("device", "job"):
-            raise ValueError(f"per={per!r} is not valid: use 'device' or 'job'.")
-        if mode not in ("auto", "hardware", "software"):
-            raise ValueError(f"mode={mode!r} is not valid: use 'auto', 'hardware' or 'software'.")
         validate_cpu_selection(cpu)
-        self.per = per
-        self.mode = mode
+        # the controller checks every setting (one set of rules, one set of messages)
+        checked = PowerCapController(
+            watts,
+            per,
+            mode,
+            cpu=cpu,
+            watts_per_core=watts_per_core,
+            window_s=window_s,
+            max_sleep_s=max_sleep_s,
+            interval_s=interval_s,
+        )
+        self.watts = checked.watts
+        self.per = checked.per
+        self.mode = checked.mode
         self.gpus = validate_gpu_selection(gpus)
         self.cpu = cpu
-        self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
-        self.window_s = validate_positive("window_s", window_s)
-        self.max_sleep_s = validate_positive("max_sleep_s", max_sleep_s)
-        self.interval_s = (
-            None if interval_s is None else validate_positive("interval_s", interval_s)
-        )
+        self.watts_per_core = checked.watts_per_core
+        self.window_s = checked.window_s
+        self.max_sleep_s = checked.max_sleep_s
+        self.interval_s = checked.interval_s
         #: the controller in force during fit (what strategies look for; None outside fit)
         self.power_cap: PowerCapController | None = None
         self._report = PowerCapReport()
