@@ -49,7 +49,7 @@ from lightning_sustain._compat import FabricSubprocessScriptLauncher as _FabricS
 from lightning_sustain._compat import StrategyRegistryType as _StrategyRegistry
 from lightning_sustain._compat import set_num_threads_if_needed as _set_num_threads_if_needed
 from lightning_sustain.energy.discovery import warn_once
-from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE
+from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive
 from lightning_sustain.run.ddp_accounting import (
     DDPAccounting,
     format_summary_table,
@@ -187,7 +187,7 @@ class FabricSustainDDPStrategy(SustainDDPViews, DDPStrategy):
         self.dirpath = dirpath
         self.nvml_devices = validate_gpu_selection(nvml_devices)
         self.cpu = validate_cpu_selection(cpu)
-        self.watts_per_core = watts_per_core
+        self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
         #: this process's accounting once a module is set up (kept after finish, closed)
         self.accounting: DDPAccounting | None = None
         self._metrics: dict[str, float] = {}
