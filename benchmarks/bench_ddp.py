@@ -186,7 +186,7 @@ def hot_path(steps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from lightning_sustain.strategies.sustain_ddp import _WaitClock
+    from lightning_sustain.run.wait_clock import WaitClock
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29613")
@@ -206,7 +206,7 @@ def hot_path(steps: int) -> None:
 
         stock = torch.nn.parallel.DistributedDataParallel(mlp())
         timed = torch.nn.parallel.DistributedDataParallel(mlp())
-        clock = _WaitClock(None)
+        clock = WaitClock(None)
         timed.register_comm_hook(None, clock.timed_allreduce)  # what the strategy registers
         x = torch.randn(64, 128)
         samples: dict[str, list[float]] = {"stock": [], "timed": []}

@@ -22,6 +22,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "KeyProvider": "lightning_sustain.data.keys",
     "KeyReference": "lightning_sustain.data.keys",
     "SustainDDPStrategy": "lightning_sustain.strategies.sustain_ddp",
+    "FabricSustainDDPStrategy": "lightning_sustain.strategies.fabric_sustain_ddp",
+    "PowerCapController": "lightning_sustain.budget.power_cap",
     "PowerBudget": "lightning_sustain.callbacks.power_budget",
     "EnergyBudget": "lightning_sustain.callbacks.energy_budget",
     "BudgetExceeded": "lightning_sustain.callbacks.energy_budget",

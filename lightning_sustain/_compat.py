@@ -65,6 +65,11 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
         "lightning.pytorch.strategies.launchers.multiprocessing:_MultiProcessingLauncher",
         "lightning.pytorch.strategies.launchers:_MultiProcessingLauncher",
     ),
+    # Fabric's DDP subprocess launcher (subclassed by FabricSustainDDPStrategy's launcher)
+    "FabricSubprocessScriptLauncher": (
+        "lightning.fabric.strategies.launchers.subprocess_script:_SubprocessScriptLauncher",
+        "lightning.fabric.strategies.launchers:_SubprocessScriptLauncher",
+    ),
     # OMP_NUM_THREADS / torch threads per process, as Lightning's launchers set them
     "set_num_threads_if_needed": (
         "lightning.fabric.utilities.distributed:_set_num_threads_if_needed",
@@ -92,6 +97,12 @@ PRIVATE_MEMBERS: dict[str, tuple[str, ...]] = {
         "_main_pid",
     ),
     "SubprocessScriptLauncher": ("_call_children_scripts", "procs", "cluster_environment"),
+    "FabricSubprocessScriptLauncher": ("_call_children_scripts", "procs", "cluster_environment"),
+    "lightning.fabric.strategies:DDPStrategy": (
+        "_configure_launcher",  # overridden: the launcher's observer restores power limits
+        "_launcher",
+        "_start_method",
+    ),
     # _wrapping_function: overridden, so a spawned rank's failure reaches the strategy
     "MultiProcessingLauncher": ("procs", "_wrapping_function", "_strategy"),
 }

@@ -54,6 +54,12 @@ def _instance(owner: str) -> object:
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
+    if owner == "lightning.fabric.strategies:DDPStrategy":
+        from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+        return FabricDDPStrategy(process_group_backend="gloo")
+    if owner == "FabricSubprocessScriptLauncher":
+        return _compat.FabricSubprocessScriptLauncher(LightningEnvironment(), 2, 1)
     if owner.endswith(":DDPStrategy"):
         return DDPStrategy(process_group_backend="gloo")
     if owner == "ChildProcessObserver":

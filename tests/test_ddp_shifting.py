@@ -258,7 +258,7 @@ def test_job_power_budget_callback_turns_shifting_on_and_owns_the_limits(one_ran
     assert summary["power_shifting"]["job_budget_w"] == 300.0
     assert summary["ranks"][0]["limit_mode"] == "hardware"
     assert summary["ranks"][0]["final_power_limit_w"] == 300.0
-    assert strategy._guard is None  # the callback's guard set and restored the limit
+    assert strategy.accounting.guard is None  # the callback's guard set and restored the limit
     assert sim.limit_set_count(0) >= 1
     assert sim.power_limit_w(0) == 400.0
 

@@ -87,7 +87,8 @@ SCRIPT = textwrap.dedent(
                 "energy_j": end[1] - self.start[1],
                 "strategy": type(strategy).__name__,
                 "start_method": getattr(strategy, "_start_method", None),
-                "comm_hook_timed": getattr(strategy, "_clock", None) is not None,
+                "comm_hook_timed": getattr(getattr(strategy, "accounting", None), "clock", None)
+                is not None,
                 "history": getattr(strategy, "cluster_history", []),
             }
             path = os.path.join(OUT, "rank%d.json" % trainer.global_rank)

@@ -31,7 +31,8 @@ from lightning_sustain.budget.carbon import (
     plan_power,
     time_scale,
 )
-from lightning_sustain.budget.limits import PowerLimitGuard, ensure_sigterm_handler
+from lightning_sustain.budget.limits import PowerLimitGuard
+from lightning_sustain.budget.power_cap import open_limit_guard, refusal_reason, throttle_from_meter
 from lightning_sustain.budget.throttle import SoftwareThrottle
 from lightning_sustain.callbacks._devices import (
     CpuSelection,
@@ -43,7 +44,7 @@ from lightning_sustain.callbacks._devices import (
 from lightning_sustain.energy.carbon import JOULES_PER_KWH, resolve_carbon_intensity
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.discovery import open_devices
-from lightning_sustain.energy.errors import PowerLimitError, PowerLimitPermissionError
+from lightning_sustain.energy.errors import PowerLimitError
 from lightning_sustain.energy.estimate import validate_positive
 from lightning_sustain.energy.intensity import (
     ConstantIntensity,
@@ -52,7 +53,7 @@ from lightning_sustain.energy.intensity import (
     TimeSeriesIntensity,
 )
 from lightning_sustain.energy.meter import EnergyMeter
-from lightning_sustain.energy.nvml import NvmlGpu, open_gpus
+from lightning_sustain.energy.nvml import NvmlGpu
 
 logger = logging.getLogger(__name__)
 
@@ -387,20 +388,12 @@ class CarbonAwareController(Callback):
     def _open_power_control(self, indices: list[int]) -> None:
         reason = ""
         if self.power_control in ("auto", "hardware") and indices:
-            try:
-                self._gpus = open_gpus(indices)
-                self.guard = PowerLimitGuard(self._gpus)
-                for gpu in self._gpus:  # probe: the current limit, so nothing changes yet
-                    self.guard.set_limit_w(gpu, gpu.power_limit_w())
+            try:  # probes with the current limit, so nothing changes yet
+                self.guard = open_limit_guard(indices)
+                self._gpus = list(self.guard.devices)
                 self.hardware_mode = "hardware"
-                ensure_sigterm_handler()
             except PowerLimitError as exc:
-                reason = (
-                    "NVML refused to set the power limit (NO_PERMISSION)"
-                    if isinstance(exc, PowerLimitPermissionError)
-                    else f"NVML failed to set the power limit ({exc})"
-                )
-                self._close_guard()
+                reason = refusal_reason(exc)
                 if self.power_control == "hardware":
                     raise CarbonControllerError(
                         f"CarbonAwareController(power_control='hardware'): {reason}. Use "
@@ -543,16 +536,10 @@ class CarbonAwareController(Callback):
 
     def _throttle_step(self, now: float) -> float:
         assert self.throttle is not None and self.meter is not None
-        covered = self.meter.latest_time_s()
-        start = self._throttle_until_s
-        if covered is None or covered <= start:
-            return self.throttle.update(0.0, 0.0, pending_s=max(0.0, now - start), now_s=now)
-        covered = min(covered, now)
-        energy_j = sum(self.meter.energy_between(start, covered).values())
-        self._throttle_until_s = covered
-        return self.throttle.update(
-            max(0.0, energy_j), covered - start, pending_s=now - covered, now_s=now
+        sleep_s, self._throttle_until_s = throttle_from_meter(
+            self.throttle, self.meter, self._throttle_until_s, now
         )
+        return sleep_s
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_start = time.monotonic()

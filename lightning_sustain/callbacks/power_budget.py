@@ -1,17 +1,14 @@
 """PowerBudget: a cap on the watts a training run draws, enforced, not just reported.
 
-Thin glue: the hardware cap is :class:`~lightning_sustain.budget.limits.PowerLimitGuard`
-(NVML power limits that always come back), the software cap is
-:class:`~lightning_sustain.budget.throttle.SoftwareThrottle` (idle time between steps,
-sized by feedback on measured power), measurement is
-:class:`~lightning_sustain.energy.meter.EnergyMeter`.
+Thin Lightning glue over :class:`~lightning_sustain.budget.power_cap.PowerCapController`
+(NVML limits through :class:`~lightning_sustain.budget.limits.PowerLimitGuard`, software
+throttle, per-rank share, measured mean power): this module maps Trainer hooks to it and
+logs its figures through ``pl_module.log``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_sustain._deprecation import renamed_argument
-from lightning_sustain.budget.limits import PowerLimitGuard, ensure_sigterm_handler
+from lightning_sustain.budget.limits import PowerLimitGuard
+from lightning_sustain.budget.power_cap import PowerCapController, PowerCapError, PowerCapReport
 from lightning_sustain.budget.shares import device_share_w
 from lightning_sustain.budget.throttle import SoftwareThrottle
 from lightning_sustain.callbacks._devices import (
@@ -29,47 +27,19 @@ from lightning_sustain.callbacks._devices import (
     validate_cpu_selection,
     validate_gpu_selection,
 )
-from lightning_sustain.energy.device import EnergyDevice
-from lightning_sustain.energy.discovery import open_devices
-from lightning_sustain.energy.errors import (
-    PowerLimitError,
-    PowerLimitPermissionError,
-)
 from lightning_sustain.energy.estimate import DEFAULT_WATTS_PER_CORE, validate_positive
 from lightning_sustain.energy.meter import EnergyMeter
-from lightning_sustain.energy.nvml import NvmlGpu, open_gpus
 
 logger = logging.getLogger(__name__)
 
 _METRIC_PREFIX = "power_budget/"
 
+#: What a :class:`PowerBudget` enforced in this process (the controller's report).
+PowerBudgetReport = PowerCapReport
+
 
 class PowerBudgetError(MisconfigurationException):
     """A PowerBudget cannot be enforced as configured (the message says what to change)."""
-
-
-@dataclass
-class PowerBudgetReport:
-    """What a :class:`PowerBudget` enforced in this process.
-
-    Attributes:
-        mode: ``"hardware"`` or ``"software"`` (None before fit starts).
-        reason: why this mode was chosen.
-        rank_budget_w: this process's budget (all its devices together), in watts.
-        limits_w: hardware limit in force per device id (hardware mode).
-        mean_power_w: measured mean power of this process's budgeted devices over the
-            last ``window_s`` seconds, in watts (None before it is known).
-        throttled_s: idle time inserted between steps (software mode), in seconds.
-        steps: training steps seen.
-    """
-
-    mode: str | None = None
-    reason: str = ""
-    rank_budget_w: float | None = None
-    limits_w: dict[str, float] = field(default_factory=dict)
-    mean_power_w: float | None = None
-    throttled_s: float = 0.0
-    steps: int = 0
 
 
 class PowerBudget(Callback):
@@ -127,41 +97,55 @@ class PowerBudget(Callback):
     ) -> None:
         super().__init__()
         gpus = renamed_argument("PowerBudget", "gpus", gpus, "nvml_devices", nvml_devices)
-        self.watts = validate_positive("watts", watts)
-        if per not in ("device", "job"):
-            raise ValueError(f"per={per!r} is not valid: use 'device' or 'job'.")
-        if mode not in ("auto", "hardware", "software"):
-            raise ValueError(f"mode={mode!r} is not valid: use 'auto', 'hardware' or 'software'.")
         validate_cpu_selection(cpu)
-        self.per = per
-        self.mode = mode
+        # the controller checks every setting (one set of rules, one set of messages)
+        checked = PowerCapController(
+            watts,
+            per,
+            mode,
+            cpu=cpu,
+            watts_per_core=watts_per_core,
+            window_s=window_s,
+            max_sleep_s=max_sleep_s,
+            interval_s=interval_s,
+        )
+        self.watts = checked.watts
+        self.per = checked.per
+        self.mode = checked.mode
         self.gpus = validate_gpu_selection(gpus)
         self.cpu = cpu
-        self.watts_per_core = validate_positive("watts_per_core", watts_per_core)
-        self.window_s = validate_positive("window_s", window_s)
-        self.max_sleep_s = validate_positive("max_sleep_s", max_sleep_s)
-        self.interval_s = (
-            None if interval_s is None else validate_positive("interval_s", interval_s)
-        )
+        self.watts_per_core = checked.watts_per_core
+        self.window_s = checked.window_s
+        self.max_sleep_s = checked.max_sleep_s
+        self.interval_s = checked.interval_s
+        #: the controller in force during fit (what strategies look for; None outside fit)
+        self.power_cap: PowerCapController | None = None
+        self._report = PowerCapReport()
 
-        self.report = PowerBudgetReport()
-        self.throttle: SoftwareThrottle | None = None
-        self.guard: PowerLimitGuard | None = None
-        self.meter: EnergyMeter | None = None
-        self._gpus: list[NvmlGpu] = []
-        self._device_budget_w: float | None = None
-        self._measured_until_s = 0.0
-        self._steps = 0
-        self._active = False
+    # -- the controller's state, under the names this callback always had -----------------
+    @property
+    def report(self) -> PowerCapReport:
+        """What this callback enforced (kept after fit ends)."""
+        return self.power_cap.report if self.power_cap is not None else self._report
+
+    @property
+    def guard(self) -> PowerLimitGuard | None:
+        """The hardware limits' guard while in force."""
+        return self.power_cap.guard if self.power_cap is not None else None
+
+    @property
+    def throttle(self) -> SoftwareThrottle | None:
+        """The software throttle while in force."""
+        return self.power_cap.throttle if self.power_cap is not None else None
+
+    @property
+    def meter(self) -> EnergyMeter | None:
+        """The meter of the budgeted devices while in force."""
+        return self.power_cap.meter if self.power_cap is not None else None
 
     # -- shares ------------------------------------------------------------------------
     def device_budget_w(self, world_size: int, devices_in_rank: int) -> float:
-        """The budget of one device of a rank under this callback's ``per`` setting.
-
-        ``per="job"`` splits ``watts`` equally between ``world_size`` ranks, then between
-        the rank's devices; the DDP power-shifting strategy may replace the split through
-        :meth:`set_rank_budget_w`.
-        """
+        """One device's budget under ``per`` (see :meth:`PowerCapController.device_budget_w`)."""
         return device_share_w(self.watts, self.per, world_size, max(1, devices_in_rank))
 
     @property
@@ -170,26 +154,20 @@ class PowerBudget(Callback):
         return self.report.rank_budget_w
 
     def set_rank_budget_w(self, watts: float) -> None:
-        """Change this process's budget while training (e.g. power shifted between ranks).
+        """Change this process's budget while training (power shifted between ranks).
 
-        Hardware mode re-applies the device limits (clamped); software mode changes the
-        throttle's target. Takes effect from the next step.
+        See :meth:`PowerCapController.set_rank_budget_w`.
 
         Raises:
             ValueError: a non-positive budget.
             RuntimeError: called before the budget is in force (before ``on_fit_start``).
         """
         watts = validate_positive("watts", watts)
-        if not self._active:
+        if self.power_cap is None or not self.power_cap.active:
             raise RuntimeError(
                 "set_rank_budget_w() needs a running fit (call it after on_fit_start)."
             )
-        self.report.rank_budget_w = watts
-        if self.report.mode == "hardware" and self.guard is not None and self._gpus:
-            self._device_budget_w = watts / len(self._gpus)
-            self._apply_limits()
-        elif self.throttle is not None:
-            self.throttle.set_target_w(watts)
+        self.power_cap.set_rank_budget_w(watts)
 
     # -- set-up ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -204,125 +182,25 @@ class PowerBudget(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._active:
+        if self.power_cap is not None and self.power_cap.active:
             return
-        self.report = PowerBudgetReport()
-        self._steps = 0
-        self._active = True
-        indices = process_gpu_indices(trainer, self.gpus)
-        mode, reason = self.mode, ""
-        if self.mode in ("auto", "hardware"):
-            mode, reason = self._try_hardware(trainer, indices)
-        if mode == "software":
-            self._start_software(trainer, indices, reason)
-        if self.report.mode == "hardware":
-            ensure_sigterm_handler()  # Lightning re-registers its own handler at each fit
-        if self.meter is not None:
-            self.meter.wait_until_covered(time.monotonic(), timeout_s=0.5)
-            self._measured_until_s = self.meter.latest_time_s() or time.monotonic()
-
-    def _try_hardware(self, trainer: pl.Trainer, indices: list[int]) -> tuple[str, str]:
-        if not indices:
-            reason = "this process trains on no NVML GPU, so no power limit can be set"
-            if self.mode == "hardware":
-                raise PowerBudgetError(
-                    f"PowerBudget(mode='hardware'): {reason}. Use mode='software' (idle time "
-                    "between steps) or mode='auto'."
-                )
-            return "software", reason
-        try:
-            self._gpus = open_gpus(indices)
-        except Exception as exc:  # NVML errors the energy layer does not map (GPU lost)
-            if self.mode == "hardware":
-                raise PowerBudgetError(f"PowerBudget(mode='hardware'): {exc}") from exc
-            return "software", f"the GPU could not be opened through NVML ({exc})"
-        self._device_budget_w = self.device_budget_w(trainer.world_size, len(self._gpus))
-        self.report.rank_budget_w = self._device_budget_w * len(self._gpus)
-        self.guard = PowerLimitGuard(self._gpus)
-        try:
-            self._apply_limits()
-        except PowerLimitError as exc:
-            self._close_hardware()
-            if self.mode == "hardware":
-                what = (
-                    "NVML refused to set the power limit (NO_PERMISSION)"
-                    if isinstance(exc, PowerLimitPermissionError)
-                    else "NVML failed to set the power limit"
-                )
-                raise PowerBudgetError(
-                    f"PowerBudget(mode='hardware', watts={self.watts:g}): {what}: {exc}. The "
-                    "devices keep their original limits. Use mode='software' or mode='auto'."
-                ) from exc
-            if isinstance(exc, PowerLimitPermissionError):
-                return "software", "NVML refused to set the power limit (NO_PERMISSION; needs root)"
-            return "software", f"NVML failed to set the power limit ({exc})"
-        self.report.mode = "hardware"
-        self.report.reason = "NVML power limits are permitted"
-        limits = ", ".join(f"{w:.0f} W" for w in self.report.limits_w.values())
-        logger.info(
-            "PowerBudget: hardware mode (NVML power limit %s on %d GPU(s); originals are "
-            "restored at the end of fit, on errors and on SIGTERM).",
-            limits,
-            len(self._gpus),
+        self.power_cap = PowerCapController(
+            self.watts,
+            self.per,
+            self.mode,
+            cpu=self.cpu,
+            watts_per_core=self.watts_per_core,
+            window_s=self.window_s,
+            max_sleep_s=self.max_sleep_s,
+            interval_s=self.interval_s,
+            name="PowerBudget",
+            log=logger,
         )
-        self.meter = EnergyMeter(open_devices(indices, cpu="none"), interval_s=self.interval_s)
-        return "hardware", ""
-
-    def _apply_limits(self) -> None:
-        assert self.guard is not None and self._device_budget_w is not None
-        for gpu in self._gpus:
-            low_w, high_w = gpu.power_limit_range_w()
-            wanted = self._device_budget_w
-            if not low_w <= wanted <= high_w:
-                logger.warning(
-                    "PowerBudget(watts=%g, per=%r): %.1f W for GPU %s is outside the range the "
-                    "device accepts [%.0f, %.0f] W; the limit is clamped to %.0f W.",
-                    self.watts,
-                    self.per,
-                    wanted,
-                    gpu.uuid,
-                    low_w,
-                    high_w,
-                    min(max(wanted, low_w), high_w),
-                )
-            self.report.limits_w[gpu.info.device_id] = self.guard.set_limit_w(gpu, wanted)
-
-    def _start_software(self, trainer: pl.Trainer, indices: list[int], reason: str) -> None:
-        devices: list[EnergyDevice] = open_devices(indices, cpu="none") if indices else []
-        if not devices and self.cpu != "none":
-            devices = open_devices([], cpu=self.cpu, watts_per_core=self.watts_per_core)
-            measured = "the CPU"
-        else:
-            measured = f"{len(devices)} GPU(s)"
-        if not devices:
-            raise PowerBudgetError(
-                "PowerBudget(mode='software') has nothing to measure: no NVML GPU and "
-                "cpu='none'. Set cpu='auto' or 'estimate'."
-            )
-        self.meter = EnergyMeter(devices, interval_s=self.interval_s)
-        n = len(devices)
-        self._device_budget_w = self.device_budget_w(trainer.world_size, n)
-        target_w = self._device_budget_w * n
-        self.throttle = SoftwareThrottle(
-            target_w, window_s=self.window_s, max_sleep_s=self.max_sleep_s
-        )
-        self.report.mode = "software"
-        self.report.rank_budget_w = target_w
-        self.report.reason = reason or "mode='software' was asked for"
-        if self.mode == "auto":
-            logger.info(
-                "PowerBudget: software mode (idle time between steps, target %.1f W on %s) "
-                "because %s.",
-                target_w,
-                measured,
-                reason,
-            )
-        else:
-            logger.info(
-                "PowerBudget: software mode (idle time between steps, target %.1f W on %s).",
-                target_w,
-                measured,
-            )
+        try:
+            self.power_cap.start(process_gpu_indices(trainer, self.gpus), trainer.world_size)
+        except PowerCapError as exc:
+            self._finish()
+            raise PowerBudgetError(str(exc)) from exc.__cause__
 
     # -- hot path ----------------------------------------------------------------------
     def on_train_batch_end(
@@ -333,103 +211,50 @@ class PowerBudget(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._steps += 1
-        self.report.steps = self._steps
-        if self.throttle is not None and self.meter is not None:
-            sleep_s = self._throttle_step()
-            if sleep_s > 0:
-                time.sleep(sleep_s)
-                self.report.throttled_s += sleep_s
+        cap = self.power_cap
+        if cap is None or not cap.active:
+            return
+        cap.after_step()
         every = max(1, trainer.log_every_n_steps)
-        if self._steps % every == 0 and trainer.loggers:
-            self._log(pl_module)
+        if cap.report.steps % every == 0 and trainer.loggers:
+            self._log(pl_module, cap)
 
-    def _throttle_step(self) -> float:
-        assert self.throttle is not None and self.meter is not None
-        now = time.monotonic()
-        covered = self.meter.latest_time_s()
-        start = self._measured_until_s
-        if covered is None or covered <= start:
-            return self.throttle.update(0.0, 0.0, pending_s=max(0.0, now - start), now_s=now)
-        covered = min(covered, now)
-        energy_j = sum(self.meter.energy_between(start, covered).values())
-        self._measured_until_s = covered
-        return self.throttle.update(
-            max(0.0, energy_j), covered - start, pending_s=now - covered, now_s=now
-        )
-
-    def _mean_power_w(self) -> float | None:
-        if self.meter is None:
-            return None
-        if self.throttle is not None:
-            return self.throttle.mean_power_w
-        total, known = 0.0, False
-        for stream in self.meter.streams:
-            latest, first = stream.latest_time_s, stream.first_time_s
-            if latest is None or first is None or latest <= first:
-                continue
-            power = stream.mean_power_w(max(first, latest - self.window_s), latest)
-            if power is not None:
-                total, known = total + power, True
-        return total if known else None
-
-    def _log(self, pl_module: pl.LightningModule) -> None:
-        self.report.mean_power_w = self._mean_power_w()
-        if self.report.mode == "hardware":
-            limit_w = sum(self.report.limits_w.values())
-        else:
-            limit_w = self.report.rank_budget_w or 0.0
+    def _log(self, pl_module: pl.LightningModule, cap: PowerCapController) -> None:
+        cap.report.mean_power_w = cap.mean_power_w()
         metrics = {
-            f"{_METRIC_PREFIX}limit_w": float(limit_w),
-            f"{_METRIC_PREFIX}throttled_s": float(self.report.throttled_s),
+            f"{_METRIC_PREFIX}limit_w": cap.limit_w(),
+            f"{_METRIC_PREFIX}throttled_s": float(cap.report.throttled_s),
         }
-        if self.report.mean_power_w is not None:
-            metrics[f"{_METRIC_PREFIX}mean_power_w"] = float(self.report.mean_power_w)
+        if cap.report.mean_power_w is not None:
+            metrics[f"{_METRIC_PREFIX}mean_power_w"] = float(cap.report.mean_power_w)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, logger=True)
 
     # -- tear-down ---------------------------------------------------------------------
-    def _close_hardware(self) -> None:
-        if self.guard is not None:
-            self.guard.close()
-            self.guard = None
-        for gpu in self._gpus:
-            gpu.close()
-        self._gpus = []
-
     def _finish(self) -> None:
-        self._active = False
-        self.report.mean_power_w = self._mean_power_w()
-        self._close_hardware()
-        if self.meter is not None:
-            self.meter.close()
-            self.meter = None
-        logger.info(
-            "PowerBudget (%s): budget %.1f W, measured mean %s, %.2f s throttled over %d steps.",
-            self.report.mode,
-            self.report.rank_budget_w or 0.0,
-            "unknown" if self.report.mean_power_w is None else f"{self.report.mean_power_w:.1f} W",
-            self.report.throttled_s,
-            self.report.steps,
-        )
-        self.throttle = None
+        cap = self.power_cap
+        if cap is None:
+            return
+        self._report = cap.report
+        try:
+            cap.close()
+        finally:
+            self.power_cap = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish_once()
+        self._finish()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._finish_once()
+            self._finish()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        cap = self.power_cap
         try:
-            self._finish_once()
+            self._finish()
         except Exception as exc:  # never mask the user's exception
             logger.error("PowerBudget could not finish cleanly after an error: %s", exc)
-            self._close_hardware()
-
-    def _finish_once(self) -> None:
-        if self._active:
-            self._finish()
+            if cap is not None:
+                cap.abort()
