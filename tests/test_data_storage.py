@@ -264,6 +264,17 @@ def _write(url, key, s3, *, split="train", n=600, seed=0, **kw):
                         storage_options=_opts(s3["direct"]), **kw)
 
 
+def _range_sizes(proxy) -> list[int]:
+    """Bytes asked for by each shard GET through the proxy (every one must be ranged)."""
+    gets = [r for r in proxy.requests if r[0] == "GET" and ".lss" in r[1]]
+    assert all(r[2] and r[2].startswith("bytes=") for r in gets), gets
+    out = []
+    for _, _, rng in gets:
+        a, b = (int(v) for v in rng[len("bytes="):].split("-"))
+        out.append(b - a + 1)
+    return out
+
+
 def _key_of(url: str, rel: str) -> str:
     return url.split(f"s3://{BUCKET}/", 1)[1] + "/" + rel
 
@@ -298,17 +309,21 @@ def test_write_verify_train_from_s3_with_range_reads(s3, proxy, key, tmp_path):
                                                            Prefix=_key_of(url, ""))["Contents"]}
     assert _key_of(url, "dataset.lsd") in listed and _key_of(url, "keyring.json") in listed
     audit = tmp_path / "audit.jsonl"
-    report = verify_dataset(url, key, audit_path=str(audit),
+    block = 3000  # bytes: 2 frames of ~1 KiB of ciphertext, less than a shard of ~8 KiB
+    report = verify_dataset(url, key, audit_path=str(audit), read_block_nbytes=block,
                             storage_options=_opts(proxy.endpoint))
     assert report.ok, report.errors
     assert report.samples == 1000 and report.frames >= res.num_frames
-    # frames fetched with range reads, each at most one frame, never a whole shard
-    shard_gets = [r for r in proxy.requests if r[0] == "GET" and ".lss" in r[1]]
-    assert shard_gets and all(r[2] and r[2].startswith("bytes=") for r in shard_gets)
-    for _, _, rng in shard_gets:
-        a, b = (int(v) for v in rng[len("bytes="):].split("-"))
-        assert b - a + 1 <= 1024 + 64
+    # frames fetched with range reads of adjacent frames, at most one read block each
+    # (several frames per GET), never a whole shard larger than a block
+    with open_split(url, "train", key, storage_options=_opts(s3["direct"])) as reader:
+        max_frame = max(ln for s in reader.manifest.shards for _, ln, _ in s.frames)
+        shard_nbytes = min(s.size_bytes for s in reader.manifest.shards)
+    assert shard_nbytes > block and max_frame < block
+    sizes = _range_sizes(proxy)
+    assert sizes and max(sizes) <= block and max(sizes) > max_frame
 
+    # training: default read blocks (4 MiB) cover these small shards' frames in one GET each
     proxy.requests.clear()
     key_file = tmp_path / "master.key"
     write_key_file(key_file, key._key)
@@ -322,7 +337,8 @@ def test_write_verify_train_from_s3_with_range_reads(s3, proxy, key, tmp_path):
     trainer.fit(model, dm)
     assert model.seen == 2 * 800
     assert trainer.callback_metrics["val_acc"] > 0.8
-    assert any(".lss" in r[1] and r[2] for r in proxy.requests)
+    sizes = _range_sizes(proxy)
+    assert sizes and max(sizes) <= 4 * 1024 * 1024 and max(sizes) > max_frame
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     reads = [r for r in records if r["action"] == "read" and r["splits"] == ["train"]]
     assert sum(r["samples"] for r in reads) == 2 * 800
@@ -556,7 +572,11 @@ def test_cache_holds_ciphertext_only_and_is_authenticated(s3, proxy, key, tmp_pa
     assert epoch() == 600
     first = sum(1 for r in proxy.requests if r[0] == "GET" and ".lss" in r[1])
     files = [p for p in cache.rglob("*") if p.is_file()]
-    assert first > 0 and len(files) >= res.num_frames  # every frame's ciphertext cached
+    # every frame's ciphertext cached, by read block (adjacent frames of a shard)
+    with open_split(url, "train", key, storage_options=_opts(s3["direct"])) as reader:
+        frame_nbytes = sum(ln for s in reader.manifest.shards for _, ln, _ in s.frames)
+    assert first > 0 and len(files) >= res.num_shards
+    assert sum(p.stat().st_size for p in files) >= frame_nbytes
     # no plaintext: scan every cache file for every 8-byte run of the samples
     plain = data["x"].tobytes()
     needles = {plain[i:i + 8] for i in range(0, len(plain) - 8, 4)}
@@ -580,8 +600,7 @@ def _read_all_cached(url, key, s3, cache):
     store = RemoteStore(url, _opts(s3["direct"]), cache_dir=str(cache))
     data_key, ds_id, _ = resolve_data_key(store, key)
     with SplitReader(store, "train", data_key, ds_id) as reader:
-        for si, fi, _ in reader.frame_units():
-            _, buf = reader.read_frame(si, fi)
+        for _, buf in reader.iter_frames([(si, fi) for si, fi, _ in reader.frame_units()]):
             reader.release(buf)
 
 
