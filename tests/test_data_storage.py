@@ -627,6 +627,65 @@ def test_cli_encrypt_and_verify_s3(s3, tmp_path, capsys):
     assert "provider chain" in err and FAKE_SECRET not in err
 
 
+def test_rotate_key_on_object_storage(s3, key, tmp_path, capsys):
+    from lightning_sustain.data import rotate_key
+    from lightning_sustain.data.errors import WrongKeyError
+
+    url = _url("rotate")
+    _write(url, key, s3, n=300)
+    opts = _opts(s3["direct"])
+    client = _client(s3)
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(
+        Bucket=BUCKET, Prefix=_key_of(url, ""))["Contents"]}
+    new = MasterKey(os.urandom(32))
+    audit = tmp_path / "a.jsonl"
+    ring = rotate_key(url, key, new, storage_options=opts, audit_path=str(audit))
+    assert ring.key_id == new.key_id
+    assert verify_dataset(url, new, storage_options=opts).ok
+    with pytest.raises(WrongKeyError):
+        verify_dataset(url, key, storage_options=opts)
+    after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(
+        Bucket=BUCKET, Prefix=_key_of(url, ""))["Contents"]}
+    # only keyring.json changed: no shard, manifest or dataset manifest was rewritten
+    changed = {k for k in before if before[k] != after.get(k)} | (set(after) - set(before))
+    assert changed == {_key_of(url, "keyring.json")}
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["action"] for r in records] == ["rotate-key"] and records[0]["outcome"] == "ok"
+
+    # through the CLI, back to a key file
+    key_file, new_file = tmp_path / "new.key", tmp_path / "newer.key"
+    write_key_file(key_file, new._key)
+    newer = os.urandom(32)
+    write_key_file(new_file, newer)
+    assert cli_main(["rotate-key", "--root", url, "--key-file", str(key_file),
+                     "--new-key-file", str(new_file), "--audit-path", str(audit),
+                     "--storage-options", json.dumps(opts)]) == 0
+    assert MasterKey(newer).key_id in capsys.readouterr().out
+    assert verify_dataset(url, MasterKey(newer), storage_options=opts).ok
+
+
+def test_rotate_key_on_object_storage_refuses_a_concurrent_rotation(s3, key, monkeypatch):
+    from lightning_sustain.data import keys as keys_mod
+    from lightning_sustain.data import rotate_key
+
+    url = _url("rotate-race")
+    _write(url, key, s3, n=100)
+    opts = _opts(s3["direct"])
+    other = MasterKey(os.urandom(32))
+    real = keys_mod._rewrap
+
+    def racing(ring, old, new, pw, where):
+        out = real(ring, old, new, pw, where)
+        monkeypatch.setattr(keys_mod, "_rewrap", real)
+        rotate_key(url, key, other, storage_options=opts)  # another rotation wins meanwhile
+        return out
+
+    monkeypatch.setattr(keys_mod, "_rewrap", racing)
+    with pytest.raises(ConcurrentWriteError, match="changed by another rotation"):
+        rotate_key(url, key, MasterKey(os.urandom(32)), storage_options=opts)
+    assert verify_dataset(url, other, storage_options=opts).ok  # the winner is intact
+
+
 # -- fork safety ----------------------------------------------------------------------------
 
 
