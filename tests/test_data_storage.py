@@ -686,6 +686,29 @@ def test_rotate_key_on_object_storage_refuses_a_concurrent_rotation(s3, key, mon
     assert verify_dataset(url, other, storage_options=opts).ok  # the winner is intact
 
 
+def test_gs_url_without_gcsfs_names_the_package_to_install(tmp_path, monkeypatch):
+    """gs:// goes through the same fsspec path; without gcsfs the error says what to do."""
+    import importlib
+    import sys
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed
+    for proto in ("gs", "gcs"):
+        monkeypatch.delitem(registry, proto, raising=False)
+    key_file = tmp_path / "k"
+    write_key_file(key_file, os.urandom(32))
+    dm = EncryptedShardDataModule("gs://some-bucket/ds", key_file=str(key_file),
+                                  audit_path=str(tmp_path / "a.jsonl"))
+    with pytest.raises(ShardError, match=r"pip install gcsfs") as err:
+        dm.setup("fit")
+    assert "gs://some-bucket/ds" in str(err.value)
+    with pytest.raises(ShardError, match=r"install gcsfs .* to use gs:// roots"):
+        verify_dataset("gs://some-bucket/ds", MasterKey(os.urandom(32)),
+                       audit_path=str(tmp_path / "a.jsonl"))
+    assert cli_main(["verify", "--root", "gs://some-bucket/ds", "--key-file", str(key_file),
+                     "--audit-path", str(tmp_path / "a.jsonl")]) != 0
+
+
 # -- fork safety ----------------------------------------------------------------------------
 
 

@@ -52,6 +52,9 @@ _SECRET_KEY_RE = re.compile(
 _ALLOWED_KEYS = {"client_kwargs", "config_kwargs", "s3_additional_kwargs", "endpoint_url",
                  "anon", "use_ssl", "requester_pays", "version_aware", "default_block_size",
                  "region_name", "profile", "project", "cache_regions"}
+#: the package providing each common fsspec protocol (named in the error when missing)
+_FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+                    "abfs": "adlfs", "abfss": "adlfs", "hf": "huggingface_hub"}
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
                "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY")
 
@@ -235,9 +238,13 @@ class RemoteStore:
             try:
                 cls = fsspec.get_filesystem_class(self.protocol)
             except (ImportError, ValueError) as exc:
+                package = _FSSPEC_PACKAGES.get(self.protocol)
+                hint = (f"install {package} (pip install {package}) to use "
+                        f"{self.protocol}:// roots" if package else
+                        "install the fsspec implementation of this protocol")
                 raise StorageError(
-                    f"no fsspec implementation for {self.protocol!r} URLs ({_scrub(str(exc))}); "
-                    "install it (e.g. s3fs for s3://, gcsfs for gs://)"
+                    f"cannot open {self.url!r}: no fsspec implementation for "
+                    f"{self.protocol}:// is installed ({_scrub(str(exc))}); {hint}"
                 ) from None
             self._fs = cls(skip_instance_cache=True, **opts)
             if hasattr(self._fs, "retries"):
