@@ -1,6 +1,7 @@
 """Data governance: pseudonymisation throughput and the access audit's share of an epoch.
 
 Run:  .venv/bin/python benchmarks/bench_governance.py [--rounds 5] [--quick]
+          [--only pseudonymise|audit] [--epochs 5]
 
 * Pseudonymisation (issue 16 target: >= 200k identifiers/s on one core): 1 M string
   identifiers and 1 M integer identifiers through ``pseudonymise_values``, in one
@@ -120,10 +121,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("--only", choices=["pseudonymise", "audit"], default=None,
+                    help="run one of the two benchmarks")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs per fit (audit benchmark)")
     args = ap.parse_args()
     print(f"load average before: {os.getloadavg()}")
-    bench_pseudonymise(args.rounds if not args.quick else 1, 100_000 if args.quick else 1_000_000)
-    bench_audit(args.rounds if not args.quick else 1, 2 if args.quick else 5)
+    if args.only in (None, "pseudonymise"):
+        bench_pseudonymise(args.rounds if not args.quick else 1,
+                           100_000 if args.quick else 1_000_000)
+    if args.only in (None, "audit"):
+        bench_audit(args.rounds if not args.quick else 1, 2 if args.quick else args.epochs)
     print(f"load average after: {os.getloadavg()}")
     return 0
 

@@ -15,7 +15,10 @@ Three sides per frame size, in an order rotated every round:
 - ``s3``: the URL root with its defaults (4 MiB read blocks, 3 fetched ahead per worker).
 
 Printed: medians and spread (min..max) of each side and of the per-round ratios, the
-peak resident memory (VmHWM) of each side's worker processes, and the load average.
+CPU time per 10k samples of each side (client processes; the server's separately: on a
+machine busier than its cores the wall-clock ratio is mostly scheduling noise, the CPU
+figures are not), the peak resident memory (VmHWM) of each side's worker processes, and
+the load average.
 Needs ``moto[server]``, ``s3fs`` and ``boto3`` (the ``dev`` extra).
 """
 
@@ -48,6 +51,25 @@ def epoch(loader) -> tuple[int, float]:
     for batch in loader:
         n += len(batch["y"])
     return n, time.perf_counter() - t0
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by processes ``pids`` (all their threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def worker_pids(loader) -> list[int]:
+    it = getattr(loader, "_iterator", None)
+    return [w.pid for w in getattr(it, "_workers", []) or []]
 
 
 def worker_peak_mib(loader) -> list[float]:
@@ -84,7 +106,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
-def run_frame_size(args, frame_kib: int, client, endpoint: str, tmp_path: Path) -> None:
+def run_frame_size(args, frame_kib: int, client, endpoint: str, tmp_path: Path,
+                   server_pid: int) -> None:
     """Write, upload and time one frame size; print its table."""
     from lightning_sustain.data.keys import KeyReference
 
@@ -117,13 +140,21 @@ def run_frame_size(args, frame_kib: int, client, endpoint: str, tmp_path: Path) 
     for loader in loaders.values():  # warm-up (imports, worker start, connections)
         epoch(loader)
     rates: dict[str, list[float]] = {k: [] for k in loaders}
+    # CPU seconds per epoch: main process + its workers (+ the server, for s3)
+    cpu: dict[str, list[float]] = {k: [] for k in loaders}
+    server_cpu: list[float] = []
     ratios: dict[str, list[float]] = {"s3/local": [], "s3/local-blk": []}
     names = list(loaders)
     for r in range(args.rounds):
         order = names[r % 3:] + names[:r % 3]
         got = {}
         for name in order:
+            pids = [os.getpid(), *worker_pids(loaders[name])]
+            c0, s0 = cpu_s(pids), cpu_s([server_pid])
             n, dt = epoch(loaders[name])
+            cpu[name].append(cpu_s(pids) - c0)
+            if name == "s3":
+                server_cpu.append(cpu_s([server_pid]) - s0)
             assert n == args.samples, (name, n)
             got[name] = n / dt
             rates[name].append(got[name])
@@ -146,6 +177,14 @@ def run_frame_size(args, frame_kib: int, client, endpoint: str, tmp_path: Path) 
         print(f"  {k:10s}: {summary(rates[k])} samples/s   worker peak RSS MiB: {peak}")
     for k, xs in ratios.items():
         print(f"  {k:13s}: {summary(xs, '.2f')}   target >= 0.80")
+    # best epoch of each side: the least-disturbed one (what timeit reports on a busy host)
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"  best epochs  : s3/local {best['s3'] / best['local']:.2f}   s3/local-blk "
+          f"{best['s3'] / best['local-blk']:.2f}   (max samples/s of each side)")
+    per = 1e4 / args.samples * 1e3
+    print("  CPU ms per 10k samples (median; client = main process + its 2 workers): "
+          + "  ".join(f"{k} {statistics.median(cpu[k]) * per:.0f}" for k in names)
+          + f"  + moto server {statistics.median(server_cpu) * per:.0f}")
 
 
 def main() -> None:
@@ -174,7 +213,7 @@ def main() -> None:
             os.environ["XDG_STATE_HOME"] = str(tmp_path / "state")
             print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
             for frame_kib in args.frame_kib:
-                run_frame_size(args, frame_kib, client, endpoint, tmp_path)
+                run_frame_size(args, frame_kib, client, endpoint, tmp_path, server.pid)
             print(f"load average at end  : {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     finally:
         server.terminate()
