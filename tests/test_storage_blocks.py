@@ -229,3 +229,35 @@ def test_local_root_iter_frames_reads_frames(tmp_path):
             del cols
             reader.release(buf)
     assert n == 300 and reader.peak_ciphertext_nbytes == 0
+
+
+def _child_iterates(reader, units, queue) -> None:
+    try:
+        n = 0
+        for cols, buf in reader.iter_frames(units, block_nbytes=3000):
+            n += len(cols["y"])
+            del cols
+            reader.release(buf)
+        queue.put(n)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(exc))
+
+
+def test_forked_process_makes_its_own_fetch_pool(s3, key):
+    """A reader used before a fork (its pool's threads do not survive it) still reads."""
+    import multiprocessing
+
+    url = _url("fork-pool")
+    _write(url, key, s3, n=600)
+    with open_split(url, "train", key, storage_options=_opts(s3["direct"])) as reader:
+        units = _units(reader)
+        for _, buf in reader.iter_frames(units, block_nbytes=3000):
+            reader.release(buf)
+        assert reader._executor is not None
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_iterates, args=(reader, units, queue))
+        child.start()
+        got = queue.get(timeout=120)
+        child.join(timeout=60)
+    assert got == 600 and child.exitcode == 0

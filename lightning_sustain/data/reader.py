@@ -302,6 +302,7 @@ class SplitReader:
         self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
         self._executor: Any = None  # fetch threads of a URL root (reused across epochs)
+        self._executor_pid = -1
         self._fd_lock = threading.Lock()  # fetch threads stat shards too
         self._blocks_of: dict[int, tuple[list[tuple[int, int, int, int, int]], np.ndarray]] = {}
         #: most ciphertext bytes held at once by :meth:`iter_frames` (fetched or in flight)
@@ -462,7 +463,7 @@ class SplitReader:
                 os.close(fd)
         self.wipe_pool()
         executor, self._executor = getattr(self, "_executor", None), None
-        if executor is not None:
+        if executor is not None and getattr(self, "_executor_pid", -1) == os.getpid():
             executor.shutdown(wait=False, cancel_futures=True)
         for buf, _, _ in self._views.values():
             wipe(buf)
@@ -651,11 +652,13 @@ class SplitReader:
         order = list(dict.fromkeys(gids))
         left = Counter(gids)
         _ = self._store.fs  # created once here, not raced by the fetch threads
-        if self._executor is None:
+        if self._executor is None or self._executor_pid != os.getpid():
+            # a pool inherited through fork has no threads: each process makes its own
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(max(inflight, 4),
                                                 thread_name_prefix="lss-fetch")
+            self._executor_pid = os.getpid()
         pending: dict[int, Any] = {}
         held: dict[int, bytes] = {}
         nxt = 0
