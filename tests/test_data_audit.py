@@ -276,3 +276,40 @@ def test_top_level_command_dispatches_audit(ds, capsys):
     verify_dataset(root, ref)
     assert top_main(["audit", "verify", "--root", str(root), "--key-file", str(keyfile)]) == 0
     assert "OK: 1 record(s), 1 authenticated" in capsys.readouterr().out
+
+
+def test_read_records_are_in_the_chain_at_once_and_fsynced_off_the_training_thread(
+        ds, tmp_path, monkeypatch):
+    """A pass's record is written under the lock before the next pass; only its fsync is
+    in the background, and it happens for every such record."""
+    import threading
+
+    root, ref, raw, keyfile = ds
+    real_fsync = os.fsync
+    calls: list[tuple[str, int]] = []
+
+    def fsync(fd):
+        calls.append((threading.current_thread().name, fd))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    dm = EncryptedShardDataModule(str(root), val_dir="val", key_file=str(keyfile),
+                                  batch_size=32, batch_format="tuple", tuple_keys=["x", "y"])
+    dm.setup("fit")
+    path = root / AUDIT_FILE_NAME
+    loader = dm.train_dataloader()
+    for epoch in range(3):
+        for _ in loader:
+            pass
+        # the pass's record is in the file as soon as the pass ends
+        reads = [r for r in read_records(path) if r["action"] == "read"]
+        assert len(reads) == epoch + 1 and reads[-1]["samples"] == N
+    for t in threading.enumerate():
+        if t.name == "lss-audit-fsync":
+            t.join(timeout=30)
+    bg = [c for c in calls if c[0] == "lss-audit-fsync"]
+    fg = [c for c in calls if c[0] == threading.main_thread().name]
+    assert len(bg) == 3  # one background fsync per read record
+    assert len(fg) >= 1  # setup's record is fsynced before setup returns
+    report = verify_audit(path, _keys(root, ref))
+    assert report.ok and report.records == len(read_records(path))

@@ -19,7 +19,12 @@ is recorded with ``mac: null``: it is chained but not authenticated.
 
 Concurrency: an append takes an exclusive ``flock`` on the file, reads the last record,
 writes one line with one ``write`` on an ``O_APPEND`` descriptor, fsyncs and unlocks, so
-DataLoader workers, DDP ranks and separate jobs never interleave or fork the chain.
+DataLoader workers, DDP ranks and separate jobs never interleave or fork the chain. The
+record of a pass of a DataLoader over a split (``read``, appended at the end of every
+epoch) is written the same way, under the lock, before the next pass starts; only its
+``fsync`` runs in a background thread (the line is already in the file and in the chain;
+the fsync makes it survive a power loss or kernel crash, ms later), so the training
+loop does not wait for the disk. Every other record is fsynced before the call returns.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -148,15 +154,26 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
         return line, body_end + 1
 
 
+def _fsync_and_close(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        logger.warning("fsync of the access audit file %s failed: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
 def append_record(path: str | os.PathLike[str], record: Mapping[str, Any],
-                  key: bytes | None, *, fsync: bool = True) -> dict[str, Any]:
+                  key: bytes | None, *, fsync: bool | Literal["background"] = True
+                  ) -> dict[str, Any]:
     """Append one record to the chain in ``path`` under an exclusive file lock.
 
     Args:
         path: Audit file (created with mode 0600).
         record: Record fields (JSON-serialisable; no ``seq``/``prev``/``hash``/``mac``).
         key: Audit MAC key, or ``None`` when the data key could not be unwrapped.
-        fsync: Flush the record to stable storage before unlocking.
+        fsync: Flush the record to stable storage before unlocking; ``"background"``:
+            write it under the lock, then flush it in a background thread.
 
     Returns:
         The record as written.
@@ -205,7 +222,11 @@ def append_record(path: str | os.PathLike[str], record: Mapping[str, Any],
         if written != len(data):
             os.ftruncate(fd, size if good_end >= size else good_end)
             raise OSError(28, "short write")
-        if fsync:
+        if fsync == "background":
+            dup = os.dup(fd)
+            threading.Thread(target=_fsync_and_close, args=(dup, path),
+                             name="lss-audit-fsync").start()
+        elif fsync:
             os.fsync(fd)
         return out
     except OSError as exc:
@@ -434,7 +455,9 @@ class AuditSession:
             record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         record.update(self.extra)
         try:
-            append_record(self.path, record, self._key)
+            # a pass over a split (every epoch): fsync off the training thread
+            append_record(self.path, record, self._key,
+                          fsync="background" if self.action == "read" else True)
         finally:
             self._key = None
             self.spent_s += time.perf_counter() - t0
