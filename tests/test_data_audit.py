@@ -278,38 +278,50 @@ def test_top_level_command_dispatches_audit(ds, capsys):
     assert "OK: 1 record(s), 1 authenticated" in capsys.readouterr().out
 
 
-def test_read_records_are_in_the_chain_at_once_and_fsynced_off_the_training_thread(
+def test_read_records_are_appended_off_the_training_thread_and_fail_closed(
         ds, tmp_path, monkeypatch):
-    """A pass's record is written under the lock before the next pass; only its fsync is
-    in the background, and it happens for every such record."""
+    """A pass's record is appended by the process's audit writer thread, in order; the
+    next audited operation waits for it and raises if it could not be appended."""
     import threading
 
+    from lightning_sustain.data import audit as audit_mod
+    from lightning_sustain.data.audit import AuditError
+
     root, ref, raw, keyfile = ds
-    real_fsync = os.fsync
-    calls: list[tuple[str, int]] = []
+    real = audit_mod.append_record
+    threads: list[tuple[str, str]] = []
 
-    def fsync(fd):
-        calls.append((threading.current_thread().name, fd))
-        return real_fsync(fd)
+    def spy(path, record, key, fsync=True):
+        threads.append((record["action"], threading.current_thread().name))
+        return real(path, record, key, fsync=fsync)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(audit_mod, "append_record", spy)
     dm = EncryptedShardDataModule(str(root), val_dir="val", key_file=str(keyfile),
                                   batch_size=32, batch_format="tuple", tuple_keys=["x", "y"])
     dm.setup("fit")
     path = root / AUDIT_FILE_NAME
     loader = dm.train_dataloader()
     for epoch in range(3):
-        for _ in loader:
-            pass
-        # the pass's record is in the file as soon as the pass ends
+        assert sum(1 for _ in loader) > 0
+        audit_mod.wait_pending_records()
         reads = [r for r in read_records(path) if r["action"] == "read"]
         assert len(reads) == epoch + 1 and reads[-1]["samples"] == N
-    for t in threading.enumerate():
-        if t.name == "lss-audit-fsync":
-            t.join(timeout=30)
-    bg = [c for c in calls if c[0] == "lss-audit-fsync"]
-    fg = [c for c in calls if c[0] == threading.main_thread().name]
-    assert len(bg) == 3  # one background fsync per read record
-    assert len(fg) >= 1  # setup's record is fsynced before setup returns
+    assert [t for a, t in threads if a == "read"] and all(
+        t.startswith("lss-audit") for a, t in threads if a == "read")
+    assert all(t == threading.main_thread().name for a, t in threads if a == "setup")
     report = verify_audit(path, _keys(root, ref))
     assert report.ok and report.records == len(read_records(path))
+
+    # the writer cannot append: the next pass refuses to decrypt anything
+    def broken(path, record, key, fsync=True):
+        raise AuditError(f"cannot append to the access audit file {str(path)!r} (test)",
+                         shard=str(path))
+
+    monkeypatch.setattr(audit_mod, "append_record", broken)
+    assert sum(1 for _ in loader) > 0  # this pass's record fails in the background
+    with pytest.raises(AuditError, match="cannot append"):
+        next(iter(loader))
+    monkeypatch.setattr(audit_mod, "append_record", real)
+    assert sum(1 for _ in loader) > 0  # the failure was raised once; writing works again
+    audit_mod.wait_pending_records()
+    assert verify_audit(path, _keys(root, ref)).ok

@@ -20,11 +20,14 @@ is recorded with ``mac: null``: it is chained but not authenticated.
 Concurrency: an append takes an exclusive ``flock`` on the file, reads the last record,
 writes one line with one ``write`` on an ``O_APPEND`` descriptor, fsyncs and unlocks, so
 DataLoader workers, DDP ranks and separate jobs never interleave or fork the chain. The
-record of a pass of a DataLoader over a split (``read``, appended at the end of every
-epoch) is written the same way, under the lock, before the next pass starts; only its
-``fsync`` runs in a background thread (the line is already in the file and in the chain;
-the fsync makes it survive a power loss or kernel crash, ms later), so the training
-loop does not wait for the disk. Every other record is fsynced before the call returns.
+record of a pass over a split made in the training process itself (``read`` with
+``num_workers=0``, once per epoch) is appended, the same way, by the process's audit
+writer thread, so the training loop does not wait for lock, write and disk; the next
+audited operation of the process (the next pass, ``setup``, ``verify``, the DataModule's
+``teardown``) first waits for it and raises its error if it failed (fail closed one pass
+late), and the interpreter joins the writer before the process exits. Every other
+record (DataLoader workers' passes included) is appended and fsynced before the call
+returns.
 """
 
 from __future__ import annotations
@@ -39,13 +42,12 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -72,6 +74,9 @@ logger = logging.getLogger(__name__)
 AUDIT_FILE_NAME = "access-audit.jsonl"
 AUDIT_INFO = b"lightning-sustain/v1/audit"
 GENESIS = "0" * 64
+#: the process's audit writer (pid, executor) and the records it has not appended yet
+_writer: tuple[int, Any] | None = None
+_pending: list[Any] = []
 _MAX_LINE = 1 << 20
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -154,26 +159,44 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
         return line, body_end + 1
 
 
-def _fsync_and_close(fd: int, path: Path) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        logger.warning("fsync of the access audit file %s failed: %s", path, exc)
-    finally:
-        os.close(fd)
+def append_later(path: str | os.PathLike[str], record: Mapping[str, Any],
+                 key: bytes | None) -> None:
+    """Append ``record`` from this process's audit writer thread (in submission order)."""
+    global _writer
+    if _writer is None or _writer[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        # one thread: records of this process keep their order; joined at interpreter exit
+        _writer = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lss-audit"))
+        _pending.clear()  # a fork's copy: the parent's writer appends those
+    _pending.append(_writer[1].submit(append_record, path, record, key))
+
+
+def wait_pending_records() -> None:
+    """Wait for this process's background audit appends; raise the first failure.
+
+    Raises:
+        AuditError: A record could not be appended (nothing more may be decrypted).
+    """
+    if _writer is None or _writer[0] != os.getpid():
+        return
+    while _pending:
+        fut = _pending.pop(0)
+        exc = fut.exception()
+        if exc is not None:
+            _pending.clear()
+            raise exc
 
 
 def append_record(path: str | os.PathLike[str], record: Mapping[str, Any],
-                  key: bytes | None, *, fsync: bool | Literal["background"] = True
-                  ) -> dict[str, Any]:
+                  key: bytes | None, *, fsync: bool = True) -> dict[str, Any]:
     """Append one record to the chain in ``path`` under an exclusive file lock.
 
     Args:
         path: Audit file (created with mode 0600).
         record: Record fields (JSON-serialisable; no ``seq``/``prev``/``hash``/``mac``).
         key: Audit MAC key, or ``None`` when the data key could not be unwrapped.
-        fsync: Flush the record to stable storage before unlocking; ``"background"``:
-            write it under the lock, then flush it in a background thread.
+        fsync: Flush the record to stable storage before unlocking.
 
     Returns:
         The record as written.
@@ -222,11 +245,7 @@ def append_record(path: str | os.PathLike[str], record: Mapping[str, Any],
         if written != len(data):
             os.ftruncate(fd, size if good_end >= size else good_end)
             raise OSError(28, "short write")
-        if fsync == "background":
-            dup = os.dup(fd)
-            threading.Thread(target=_fsync_and_close, args=(dup, path),
-                             name="lss-audit-fsync").start()
-        elif fsync:
+        if fsync:
             os.fsync(fd)
         return out
     except OSError as exc:
@@ -376,6 +395,9 @@ class AuditSession:
         self.spent_s = 0.0
         self._key: bytes | None = None
         self._done = False
+        #: append the record from the process's audit writer thread (see module doc)
+        self.background = False
+        wait_pending_records()  # fail closed: an earlier pass's record must be in the chain
 
     def __repr__(self) -> str:
         return f"AuditSession({self.action!r}, path={str(self.path)!r})"
@@ -455,9 +477,10 @@ class AuditSession:
             record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         record.update(self.extra)
         try:
-            # a pass over a split (every epoch): fsync off the training thread
-            append_record(self.path, record, self._key,
-                          fsync="background" if self.action == "read" else True)
+            if self.background:  # a pass in the training process: off its thread
+                append_later(self.path, record, self._key)
+            else:
+                append_record(self.path, record, self._key)
         finally:
             self._key = None
             self.spent_s += time.perf_counter() - t0

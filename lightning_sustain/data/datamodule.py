@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lightning_sustain.data.audit import AuditSession, config_hash
+from lightning_sustain.data.audit import AuditSession, config_hash, wait_pending_records
 from lightning_sustain.data.codec import Schema
 from lightning_sustain.data.errors import DatasetNotFoundError, SchemaError
 from lightning_sustain.data.keys import KeyProvider, KeyReference
@@ -257,6 +257,9 @@ class EncryptedShardDataset(IterableDataset):
             return None
         session = AuditSession(self.root, "read", audit_path=self.audit_path,
                                context=dict(self.audit_context, worker=worker_id))
+        # loading in the training process: append the record off the training thread (a
+        # DataLoader worker appends it itself before it reports the end of its pass)
+        session.background = get_worker_info() is None
         return session
 
     def _format(self, cols: dict[str, np.ndarray]) -> Any:
@@ -656,6 +659,14 @@ class EncryptedShardDataModule(LightningDataModule):
                 )
         self._seed = self._resolve_seed()
         logger.info("encrypted shards at %s opened with key id %s", self.root, key_id)
+
+    def teardown(self, stage: str) -> None:
+        """Wait until this process's access-audit records are in the chain.
+
+        Raises:
+            AuditError: A record of a pass could not be appended.
+        """
+        wait_pending_records()
 
     def _audit_context(self) -> dict[str, Any]:
         """Purpose and run of this decryption, for the access audit (no collective)."""
