@@ -9,7 +9,7 @@ Run:  .venv/bin/python benchmarks/bench_governance.py [--rounds 5] [--quick]
   the CPU-time rate is the one-core figure, wall time includes waiting for a core.
 * Audit cost (target: < 1 % of an epoch on the tabular example): the breast-cancer
   example (examples/tabular) trained for a few epochs with the audit on (A) and with
-  ``append_record`` replaced by a no-op (B), interleaved A, B, A, B; plus the direct
+  ``append_record`` replaced by a no-op (B), interleaved A, B, B, A, ...; plus the direct
   figure: records per epoch x median cost of one append (with fsync) / median epoch time.
 """
 
@@ -98,13 +98,11 @@ def bench_audit(rounds: int, epochs: int) -> None:
         before = len(read_records(audit_path))
         on, off = [], []
         cpu_on, cpu_off = [], []
-        for _ in range(rounds):
-            wall, cpu = _fit_once(root, key_file, epochs, True)
-            on.append(wall)
-            cpu_on.append(cpu)
-            wall, cpu = _fit_once(root, key_file, epochs, False)
-            off.append(wall)
-            cpu_off.append(cpu)
+        for r in range(rounds):
+            for audit in ((True, False) if r % 2 == 0 else (False, True)):  # A B, B A, ...
+                wall, cpu = _fit_once(root, key_file, epochs, audit)
+                (on if audit else off).append(wall)
+                (cpu_on if audit else cpu_off).append(cpu)
         new = read_records(audit_path)[before:]
         reads = sum(1 for r in new if r["action"] == "read")
         per_epoch = len(new) / (rounds * epochs)
