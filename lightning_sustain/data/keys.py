@@ -673,7 +673,12 @@ def parse_keyring(blob: bytes) -> Keyring:
         raise bad("wrap is not base64") from None
     if len(nonce) != 12 or len(wrapped) != KEY_NBYTES + 16:
         raise bad("wrap sizes")
-    return Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
+    ring = Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
+    # the exact bytes this library writes: an edit that keeps the JSON meaningful
+    # (whitespace, the informational "alg", an extra field) is refused, not ignored
+    if json.dumps(ring.to_json(), indent=2).encode() != bytes(blob).rstrip(b"\n"):
+        raise bad("it differs from the form this library writes: edited")
+    return ring
 
 
 @audited("rotate-key", key_arg="old")
