@@ -276,3 +276,52 @@ def test_top_level_command_dispatches_audit(ds, capsys):
     verify_dataset(root, ref)
     assert top_main(["audit", "verify", "--root", str(root), "--key-file", str(keyfile)]) == 0
     assert "OK: 1 record(s), 1 authenticated" in capsys.readouterr().out
+
+
+def test_read_records_are_appended_off_the_training_thread_and_fail_closed(
+        ds, tmp_path, monkeypatch):
+    """A pass's record is appended by the process's audit writer thread, in order; the
+    next audited operation waits for it and raises if it could not be appended."""
+    import threading
+
+    from lightning_sustain.data import audit as audit_mod
+    from lightning_sustain.data.audit import AuditError
+
+    root, ref, raw, keyfile = ds
+    real = audit_mod.append_record
+    threads: list[tuple[str, str]] = []
+
+    def spy(path, record, key, fsync=True):
+        threads.append((record["action"], threading.current_thread().name))
+        return real(path, record, key, fsync=fsync)
+
+    monkeypatch.setattr(audit_mod, "append_record", spy)
+    dm = EncryptedShardDataModule(str(root), val_dir="val", key_file=str(keyfile),
+                                  batch_size=32, batch_format="tuple", tuple_keys=["x", "y"])
+    dm.setup("fit")
+    path = root / AUDIT_FILE_NAME
+    loader = dm.train_dataloader()
+    for epoch in range(3):
+        assert sum(1 for _ in loader) > 0
+        audit_mod.wait_pending_records()
+        reads = [r for r in read_records(path) if r["action"] == "read"]
+        assert len(reads) == epoch + 1 and reads[-1]["samples"] == N
+    assert [t for a, t in threads if a == "read"] and all(
+        t.startswith("lss-audit") for a, t in threads if a == "read")
+    assert all(t == threading.main_thread().name for a, t in threads if a == "setup")
+    report = verify_audit(path, _keys(root, ref))
+    assert report.ok and report.records == len(read_records(path))
+
+    # the writer cannot append: the next pass refuses to decrypt anything
+    def broken(path, record, key, fsync=True):
+        raise AuditError(f"cannot append to the access audit file {str(path)!r} (test)",
+                         shard=str(path))
+
+    monkeypatch.setattr(audit_mod, "append_record", broken)
+    assert sum(1 for _ in loader) > 0  # this pass's record fails in the background
+    with pytest.raises(AuditError, match="cannot append"):
+        next(iter(loader))
+    monkeypatch.setattr(audit_mod, "append_record", real)
+    assert sum(1 for _ in loader) > 0  # the failure was raised once; writing works again
+    audit_mod.wait_pending_records()
+    assert verify_audit(path, _keys(root, ref)).ok

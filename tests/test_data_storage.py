@@ -264,6 +264,17 @@ def _write(url, key, s3, *, split="train", n=600, seed=0, **kw):
                         storage_options=_opts(s3["direct"]), **kw)
 
 
+def _range_sizes(proxy) -> list[int]:
+    """Bytes asked for by each shard GET through the proxy (every one must be ranged)."""
+    gets = [r for r in proxy.requests if r[0] == "GET" and ".lss" in r[1]]
+    assert all(r[2] and r[2].startswith("bytes=") for r in gets), gets
+    out = []
+    for _, _, rng in gets:
+        a, b = (int(v) for v in rng[len("bytes="):].split("-"))
+        out.append(b - a + 1)
+    return out
+
+
 def _key_of(url: str, rel: str) -> str:
     return url.split(f"s3://{BUCKET}/", 1)[1] + "/" + rel
 
@@ -298,17 +309,21 @@ def test_write_verify_train_from_s3_with_range_reads(s3, proxy, key, tmp_path):
                                                            Prefix=_key_of(url, ""))["Contents"]}
     assert _key_of(url, "dataset.lsd") in listed and _key_of(url, "keyring.json") in listed
     audit = tmp_path / "audit.jsonl"
-    report = verify_dataset(url, key, audit_path=str(audit),
+    block = 3000  # bytes: 2 frames of ~1 KiB of ciphertext, less than a shard of ~8 KiB
+    report = verify_dataset(url, key, audit_path=str(audit), read_block_nbytes=block,
                             storage_options=_opts(proxy.endpoint))
     assert report.ok, report.errors
     assert report.samples == 1000 and report.frames >= res.num_frames
-    # frames fetched with range reads, each at most one frame, never a whole shard
-    shard_gets = [r for r in proxy.requests if r[0] == "GET" and ".lss" in r[1]]
-    assert shard_gets and all(r[2] and r[2].startswith("bytes=") for r in shard_gets)
-    for _, _, rng in shard_gets:
-        a, b = (int(v) for v in rng[len("bytes="):].split("-"))
-        assert b - a + 1 <= 1024 + 64
+    # frames fetched with range reads of adjacent frames, at most one read block each
+    # (several frames per GET), never a whole shard larger than a block
+    with open_split(url, "train", key, storage_options=_opts(s3["direct"])) as reader:
+        max_frame = max(ln for s in reader.manifest.shards for _, ln, _ in s.frames)
+        shard_nbytes = min(s.size_bytes for s in reader.manifest.shards)
+    assert shard_nbytes > block and max_frame < block
+    sizes = _range_sizes(proxy)
+    assert sizes and max(sizes) <= block and max(sizes) > max_frame
 
+    # training: default read blocks (4 MiB) cover these small shards' frames in one GET each
     proxy.requests.clear()
     key_file = tmp_path / "master.key"
     write_key_file(key_file, key._key)
@@ -322,7 +337,8 @@ def test_write_verify_train_from_s3_with_range_reads(s3, proxy, key, tmp_path):
     trainer.fit(model, dm)
     assert model.seen == 2 * 800
     assert trainer.callback_metrics["val_acc"] > 0.8
-    assert any(".lss" in r[1] and r[2] for r in proxy.requests)
+    sizes = _range_sizes(proxy)
+    assert sizes and max(sizes) <= 4 * 1024 * 1024 and max(sizes) > max_frame
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     reads = [r for r in records if r["action"] == "read" and r["splits"] == ["train"]]
     assert sum(r["samples"] for r in reads) == 2 * 800
@@ -556,7 +572,11 @@ def test_cache_holds_ciphertext_only_and_is_authenticated(s3, proxy, key, tmp_pa
     assert epoch() == 600
     first = sum(1 for r in proxy.requests if r[0] == "GET" and ".lss" in r[1])
     files = [p for p in cache.rglob("*") if p.is_file()]
-    assert first > 0 and len(files) >= res.num_frames  # every frame's ciphertext cached
+    # every frame's ciphertext cached, by read block (adjacent frames of a shard)
+    with open_split(url, "train", key, storage_options=_opts(s3["direct"])) as reader:
+        frame_nbytes = sum(ln for s in reader.manifest.shards for _, ln, _ in s.frames)
+    assert first > 0 and len(files) >= res.num_shards
+    assert sum(p.stat().st_size for p in files) >= frame_nbytes
     # no plaintext: scan every cache file for every 8-byte run of the samples
     plain = data["x"].tobytes()
     needles = {plain[i:i + 8] for i in range(0, len(plain) - 8, 4)}
@@ -580,8 +600,7 @@ def _read_all_cached(url, key, s3, cache):
     store = RemoteStore(url, _opts(s3["direct"]), cache_dir=str(cache))
     data_key, ds_id, _ = resolve_data_key(store, key)
     with SplitReader(store, "train", data_key, ds_id) as reader:
-        for si, fi, _ in reader.frame_units():
-            _, buf = reader.read_frame(si, fi)
+        for _, buf in reader.iter_frames([(si, fi) for si, fi, _ in reader.frame_units()]):
             reader.release(buf)
 
 
@@ -606,6 +625,88 @@ def test_cli_encrypt_and_verify_s3(s3, tmp_path, capsys):
                      "--storage-options", bad]) == 2
     err = capsys.readouterr().err
     assert "provider chain" in err and FAKE_SECRET not in err
+
+
+def test_rotate_key_on_object_storage(s3, key, tmp_path, capsys):
+    from lightning_sustain.data import rotate_key
+    from lightning_sustain.data.errors import WrongKeyError
+
+    url = _url("rotate")
+    _write(url, key, s3, n=300)
+    opts = _opts(s3["direct"])
+    client = _client(s3)
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(
+        Bucket=BUCKET, Prefix=_key_of(url, ""))["Contents"]}
+    new = MasterKey(os.urandom(32))
+    audit = tmp_path / "a.jsonl"
+    ring = rotate_key(url, key, new, storage_options=opts, audit_path=str(audit))
+    assert ring.key_id == new.key_id
+    assert verify_dataset(url, new, storage_options=opts).ok
+    with pytest.raises(WrongKeyError):
+        verify_dataset(url, key, storage_options=opts)
+    after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(
+        Bucket=BUCKET, Prefix=_key_of(url, ""))["Contents"]}
+    # only keyring.json changed: no shard, manifest or dataset manifest was rewritten
+    changed = {k for k in before if before[k] != after.get(k)} | (set(after) - set(before))
+    assert changed == {_key_of(url, "keyring.json")}
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["action"] for r in records] == ["rotate-key"] and records[0]["outcome"] == "ok"
+
+    # through the CLI, back to a key file
+    key_file, new_file = tmp_path / "new.key", tmp_path / "newer.key"
+    write_key_file(key_file, new._key)
+    newer = os.urandom(32)
+    write_key_file(new_file, newer)
+    assert cli_main(["rotate-key", "--root", url, "--key-file", str(key_file),
+                     "--new-key-file", str(new_file), "--audit-path", str(audit),
+                     "--storage-options", json.dumps(opts)]) == 0
+    assert MasterKey(newer).key_id in capsys.readouterr().out
+    assert verify_dataset(url, MasterKey(newer), storage_options=opts).ok
+
+
+def test_rotate_key_on_object_storage_refuses_a_concurrent_rotation(s3, key, monkeypatch):
+    from lightning_sustain.data import keys as keys_mod
+    from lightning_sustain.data import rotate_key
+
+    url = _url("rotate-race")
+    _write(url, key, s3, n=100)
+    opts = _opts(s3["direct"])
+    other = MasterKey(os.urandom(32))
+    real = keys_mod._rewrap
+
+    def racing(ring, old, new, pw, where):
+        out = real(ring, old, new, pw, where)
+        monkeypatch.setattr(keys_mod, "_rewrap", real)
+        rotate_key(url, key, other, storage_options=opts)  # another rotation wins meanwhile
+        return out
+
+    monkeypatch.setattr(keys_mod, "_rewrap", racing)
+    with pytest.raises(ConcurrentWriteError, match="changed by another rotation"):
+        rotate_key(url, key, MasterKey(os.urandom(32)), storage_options=opts)
+    assert verify_dataset(url, other, storage_options=opts).ok  # the winner is intact
+
+
+def test_gs_url_without_gcsfs_names_the_package_to_install(tmp_path, monkeypatch):
+    """gs:// goes through the same fsspec path; without gcsfs the error says what to do."""
+    import importlib
+    import sys
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed
+    for proto in ("gs", "gcs"):
+        monkeypatch.delitem(registry, proto, raising=False)
+    key_file = tmp_path / "k"
+    write_key_file(key_file, os.urandom(32))
+    dm = EncryptedShardDataModule("gs://some-bucket/ds", key_file=str(key_file),
+                                  audit_path=str(tmp_path / "a.jsonl"))
+    with pytest.raises(ShardError, match=r"pip install gcsfs") as err:
+        dm.setup("fit")
+    assert "gs://some-bucket/ds" in str(err.value)
+    with pytest.raises(ShardError, match=r"install gcsfs .* to use gs:// roots"):
+        verify_dataset("gs://some-bucket/ds", MasterKey(os.urandom(32)),
+                       audit_path=str(tmp_path / "a.jsonl"))
+    assert cli_main(["verify", "--root", "gs://some-bucket/ds", "--key-file", str(key_file),
+                     "--audit-path", str(tmp_path / "a.jsonl")]) != 0
 
 
 # -- fork safety ----------------------------------------------------------------------------

@@ -19,7 +19,15 @@ is recorded with ``mac: null``: it is chained but not authenticated.
 
 Concurrency: an append takes an exclusive ``flock`` on the file, reads the last record,
 writes one line with one ``write`` on an ``O_APPEND`` descriptor, fsyncs and unlocks, so
-DataLoader workers, DDP ranks and separate jobs never interleave or fork the chain.
+DataLoader workers, DDP ranks and separate jobs never interleave or fork the chain. The
+record of a pass over a split made in the training process itself (``read`` with
+``num_workers=0``, once per epoch) is appended, the same way, by the process's audit
+writer thread, so the training loop does not wait for lock, write and disk; the next
+audited operation of the process (the next pass, ``setup``, ``verify``, the DataModule's
+``teardown``) first waits for it and raises its error if it failed (fail closed one pass
+late), and the interpreter joins the writer before the process exits. Every other
+record (DataLoader workers' passes included) is appended and fsynced before the call
+returns.
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ logger = logging.getLogger(__name__)
 AUDIT_FILE_NAME = "access-audit.jsonl"
 AUDIT_INFO = b"lightning-sustain/v1/audit"
 GENESIS = "0" * 64
+#: the process's audit writer (pid, executor) and the records it has not appended yet
+_writer: tuple[int, Any] | None = None
+_pending: list[Any] = []
 _MAX_LINE = 1 << 20
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -146,6 +157,35 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
             continue
         line = data[prev_nl + 1: end]
         return line, body_end + 1
+
+
+def append_later(path: str | os.PathLike[str], record: Mapping[str, Any],
+                 key: bytes | None) -> None:
+    """Append ``record`` from this process's audit writer thread (in submission order)."""
+    global _writer
+    if _writer is None or _writer[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        # one thread: records of this process keep their order; joined at interpreter exit
+        _writer = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="lss-audit"))
+        _pending.clear()  # a fork's copy: the parent's writer appends those
+    _pending.append(_writer[1].submit(append_record, path, record, key))
+
+
+def wait_pending_records() -> None:
+    """Wait for this process's background audit appends; raise the first failure.
+
+    Raises:
+        AuditError: A record could not be appended (nothing more may be decrypted).
+    """
+    if _writer is None or _writer[0] != os.getpid():
+        return
+    while _pending:
+        fut = _pending.pop(0)
+        exc = fut.exception()
+        if exc is not None:
+            _pending.clear()
+            raise exc
 
 
 def append_record(path: str | os.PathLike[str], record: Mapping[str, Any],
@@ -355,6 +395,9 @@ class AuditSession:
         self.spent_s = 0.0
         self._key: bytes | None = None
         self._done = False
+        #: append the record from the process's audit writer thread (see module doc)
+        self.background = False
+        wait_pending_records()  # fail closed: an earlier pass's record must be in the chain
 
     def __repr__(self) -> str:
         return f"AuditSession({self.action!r}, path={str(self.path)!r})"
@@ -434,7 +477,10 @@ class AuditSession:
             record["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         record.update(self.extra)
         try:
-            append_record(self.path, record, self._key)
+            if self.background:  # a pass in the training process: off its thread
+                append_later(self.path, record, self._key)
+            else:
+                append_record(self.path, record, self._key)
         finally:
             self._key = None
             self.spent_s += time.perf_counter() - t0

@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rotate-key", help="rewrap the data key for a new master key")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root")
     p.add_argument("--new-password", action="store_true", help="the new secret is a password")
+    _add_storage_args(p)
     _add_audit_args(p)
     _add_key_args(p)
     _add_key_args(p, prefix="new-", what="new master key")
@@ -341,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
             _key_ref(args),
             _key_ref(args, prefix="new-", confirm=args.new_password),
             new_uses_password=args.new_password,
+            **_storage_options(args),
             **_audit_kwargs(args),
         )
         print(f"rotated {args.root}: data key now wrapped for key id {ring.key_id}")

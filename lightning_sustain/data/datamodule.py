@@ -29,11 +29,17 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lightning_sustain.data.audit import AuditSession, config_hash
+from lightning_sustain.data.audit import AuditSession, config_hash, wait_pending_records
 from lightning_sustain.data.codec import Schema
 from lightning_sustain.data.errors import DatasetNotFoundError, SchemaError
 from lightning_sustain.data.keys import KeyProvider, KeyReference
-from lightning_sustain.data.reader import SplitReader, resolve_data_key, wipe
+from lightning_sustain.data.reader import (
+    DEFAULT_BLOCK_NBYTES,
+    DEFAULT_INFLIGHT,
+    SplitReader,
+    resolve_data_key,
+    wipe,
+)
 
 __all__ = ["EncryptedShardDataModule", "EncryptedShardDataset", "EpochPlan", "plan_epoch"]
 
@@ -75,6 +81,7 @@ def plan_epoch(
     num_workers: int,
     batch_size: int,
     drop_last: bool,
+    frame_blocks: list[int] | np.ndarray | None = None,
 ) -> EpochPlan:
     """Decide which frame rows one worker of one rank reads in an epoch (pure function).
 
@@ -89,6 +96,10 @@ def plan_epoch(
         num_workers: Workers per rank (1 if loading in the main process).
         batch_size: Samples per batch.
         drop_last: Drop the rank's last partial batch.
+        frame_blocks: Read block of each frame (non-decreasing, as from
+            :meth:`SplitReader.blocks`); shuffling permutes whole blocks and keeps the frames
+            of a block together in storage order, so one ranged GET serves them. ``None``:
+            every frame is its own block (the frame permutation of earlier releases).
     """
     if not 0 <= rank < world_size or not 0 <= worker_id < num_workers or batch_size < 1:
         raise ValueError(
@@ -98,7 +109,19 @@ def plan_epoch(
     counts = np.asarray(frame_samples, dtype=np.int64)
     order = np.arange(len(counts))
     if shuffle:
-        order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(len(counts))
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch])
+        if frame_blocks is None:
+            order = rng.permutation(len(counts))
+        else:
+            blk = np.asarray(frame_blocks, dtype=np.int64)
+            if blk.shape != counts.shape or (len(blk) and (blk[0] != 0 or np.any(
+                    np.diff(blk) < 0) or np.any(np.diff(blk) > 1))):
+                raise ValueError("frame_blocks must number the frames' blocks 0, 1, ... in "
+                                 "storage order, one entry per frame")
+            nblocks = int(blk[-1]) + 1 if len(blk) else 0
+            place = np.empty(nblocks, dtype=np.int64)
+            place[rng.permutation(nblocks)] = np.arange(nblocks)
+            order = np.argsort(place[blk], kind="stable")
     cum = np.concatenate([[0], np.cumsum(counts[order])])
     total = int(cum[-1])
     per_rank = total // world_size
@@ -169,8 +192,12 @@ class EncryptedShardDataset(IterableDataset):
         min_dataset_version: int | None = None,
         audit_path: str | None = None,
         audit_context: dict[str, Any] | None = None,
+        read_block_nbytes: int = 0,
+        fetch_inflight: int = DEFAULT_INFLIGHT,
     ):
         super().__init__()
+        self.read_block_nbytes = int(read_block_nbytes)
+        self.fetch_inflight = int(fetch_inflight)
         self.audit_path = audit_path
         self.audit_context = dict(audit_context or {})
         self.root = root
@@ -230,6 +257,9 @@ class EncryptedShardDataset(IterableDataset):
             return None
         session = AuditSession(self.root, "read", audit_path=self.audit_path,
                                context=dict(self.audit_context, worker=worker_id))
+        # loading in the training process: append the record off the training thread (a
+        # DataLoader worker appends it itself before it reports the end of its pass)
+        session.background = get_worker_info() is None
         return session
 
     def _format(self, cols: dict[str, np.ndarray]) -> Any:
@@ -258,6 +288,7 @@ class EncryptedShardDataset(IterableDataset):
             audit.split(self.split, reader.manifest.dataset_version)
             reader.audit = audit
         units = reader.frame_units()
+        blocks = reader.blocks(self.read_block_nbytes)[1] if self.read_block_nbytes > 0 else None
         plan = plan_epoch(
             [u[2] for u in units],
             epoch=epoch,
@@ -269,6 +300,7 @@ class EncryptedShardDataset(IterableDataset):
             num_workers=num_workers,
             batch_size=self.batch_size,
             drop_last=self.drop_last,
+            frame_blocks=blocks,
         )
         rng = np.random.default_rng(
             [self.seed & 0xFFFFFFFF, epoch, self.rank, worker_id, 0x5EED]
@@ -281,18 +313,13 @@ class EncryptedShardDataset(IterableDataset):
         buffers: list[bytearray | np.ndarray] = []
         pending = 0
         remaining = plan.num_samples
-        ahead = _PREFETCH_FRAMES if getattr(reader, "_store", None) is not None else 0
+        # a URL root: blocks of adjacent frames fetched ahead (one ranged GET each) while
+        # this thread decrypts; a local root: pread frame by frame
+        frames = reader.iter_frames([units[g][:2] for g, _, _ in plan.reads],
+                                    block_nbytes=self.read_block_nbytes,
+                                    inflight=self.fetch_inflight)
         try:
-            for i, (g, a, b) in enumerate(plan.reads):
-                si, fi, _ = units[g]
-                if ahead and i % ahead == 0:  # remote root: read ahead while decrypting
-                    if i == 0:
-                        reader.prefetch([units[h][:2] for h, _, _ in plan.reads[:ahead]],
-                                        background=True)
-                    reader.prefetch([units[h][:2] for h, _, _ in plan.reads[i + ahead:
-                                                                          i + 2 * ahead]],
-                                    background=True)
-                cols, buf = reader.read_frame(si, fi)
+            for (_g, a, b), (cols, buf) in zip(plan.reads, frames, strict=True):
                 buffers.append(buf)
                 if reader.audit is not None:
                     reader.audit.rows(b - a)
@@ -334,6 +361,7 @@ class EncryptedShardDataset(IterableDataset):
                 reader.audit.finish(exc)
             raise
         finally:
+            frames.close()
             chunks = []
             for item in buffers:
                 _release(reader, item)
@@ -342,8 +370,6 @@ class EncryptedShardDataset(IterableDataset):
             if audit is not None:
                 audit.finish()
 
-
-_PREFETCH_FRAMES = 16  # frames of ciphertext read ahead concurrently from object storage
 
 
 def _release(reader: SplitReader, item: bytearray | np.ndarray) -> None:
@@ -414,7 +440,8 @@ class EncryptedShardDataModule(LightningDataModule):
         dataset_version: Pin the minimum dataset version (printed by ``encrypt``/
             ``verify``): an older dataset is refused (guards against a rolled-back root).
         pin_memory: Passed to the DataLoader.
-        persistent_workers: Passed to the DataLoader.
+        persistent_workers: Passed to the DataLoader; default (``None``): on for a URL root
+            with workers (their filesystem and connections are reused across epochs).
         audit_path: Access-audit file (default ``<root>/access-audit.jsonl``); every
             ``setup`` and every pass of a worker over a split appends a record
             (:mod:`lightning_sustain.data.audit`).
@@ -427,9 +454,16 @@ class EncryptedShardDataModule(LightningDataModule):
             (ciphertext only; frames are authenticated on every read).
         storage_timeout_s: Connect/read timeout of one object-store request.
         storage_retries: Retries of a transient object-store failure (timeouts, 5xx).
+        read_block_nbytes: Read block: adjacent frames of a shard, up to this many bytes,
+            fetched with one ranged GET and kept together when shuffling (whole blocks are
+            permuted; samples are mixed within ``shuffle_window_frames``). Default: 4 MiB
+            for a URL root, 0 (every frame its own block, frame-level shuffle) for a local
+            root. Each worker holds at most ``fetch_inflight + 1`` blocks of ciphertext.
+        fetch_inflight: Read blocks fetched ahead per worker while it decrypts (URL root).
 
-    A URL root is read with range requests, one per frame; every DataLoader worker opens
-    its own filesystem (s3fs/aiohttp are not fork-safe). For a URL root the default
+    A URL root is read with range requests (one per read block, never a whole shard
+    larger than a block); every DataLoader worker opens its own filesystem
+    (s3fs/aiohttp are not fork-safe). For a URL root the default
     ``audit_path`` is a local file (see docs/data-governance.md).
     """
 
@@ -456,13 +490,15 @@ class EncryptedShardDataModule(LightningDataModule):
         dataset_version: int | None = None,
         dataset_id: str | None = None,
         pin_memory: bool = False,
-        persistent_workers: bool = False,
+        persistent_workers: bool | None = None,
         audit_path: str | None = None,
         audit_purpose: str | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         storage_timeout_s: float = 30.0,
         storage_retries: int = 3,
+        read_block_nbytes: int | None = None,
+        fetch_inflight: int = DEFAULT_INFLIGHT,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -510,7 +546,18 @@ class EncryptedShardDataModule(LightningDataModule):
         self.dataset_version = dataset_version
         self.dataset_id = dataset_id
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        remote = is_remote(self.root)
+        if persistent_workers is None:  # a URL root: keep workers, their connections, reused
+            persistent_workers = remote
+        self.persistent_workers = bool(persistent_workers) and num_workers > 0
+        if read_block_nbytes is None:
+            read_block_nbytes = DEFAULT_BLOCK_NBYTES if remote else 0
+        if not 0 <= int(read_block_nbytes) <= 256 * 1024 * 1024:
+            raise ValueError(f"read_block_nbytes must be in 0..256 MiB, got {read_block_nbytes}")
+        if not 1 <= int(fetch_inflight) <= 64:
+            raise ValueError(f"fetch_inflight must be in 1..64, got {fetch_inflight}")
+        self.read_block_nbytes = int(read_block_nbytes)
+        self.fetch_inflight = int(fetch_inflight)
         self.audit_path = audit_path
         self.audit_purpose = audit_purpose
         self.feature_names: list[str] | None = None
@@ -613,6 +660,14 @@ class EncryptedShardDataModule(LightningDataModule):
         self._seed = self._resolve_seed()
         logger.info("encrypted shards at %s opened with key id %s", self.root, key_id)
 
+    def teardown(self, stage: str) -> None:
+        """Wait until this process's access-audit records are in the chain.
+
+        Raises:
+            AuditError: A record of a pass could not be appended.
+        """
+        wait_pending_records()
+
     def _audit_context(self) -> dict[str, Any]:
         """Purpose and run of this decryption, for the access audit (no collective)."""
         trainer = self.trainer
@@ -679,6 +734,8 @@ class EncryptedShardDataModule(LightningDataModule):
             min_dataset_version=self.dataset_version,
             audit_path=self.audit_path,
             audit_context=self._audit_context(),
+            read_block_nbytes=self.read_block_nbytes,
+            fetch_inflight=self.fetch_inflight,
         )
         dataset._allow_plaintext = getattr(self, "_allow_plaintext", False)
         loader = _EpochDataLoader(

@@ -619,11 +619,7 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
     from lightning_sustain.data.storage import as_store, is_remote
 
     if is_remote(root):
-        blob = as_store(root).read_small(
-            KEYRING_NAME, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
-            missing_message=f"{KEYRING_NAME} does not exist: {str(root)!r} is not an encrypted "
-            "dataset root (write one with `lightning-sustain encrypt`)",
-        )
+        blob = _remote_keyring_blob(as_store(root))
     else:
         path = Path(root) / KEYRING_NAME
         blob = read_regular_file(
@@ -631,6 +627,11 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
             missing_message=f"{str(path)!r} does not exist: {str(root)!r} is not an encrypted "
             "dataset root (write one with `lightning-sustain encrypt`)",
         )
+    return parse_keyring(blob)
+
+
+def parse_keyring(blob: bytes) -> Keyring:
+    """Validate the bytes of a ``keyring.json`` (see :func:`load_keyring`)."""
     doc = parse_json(blob, label=KEYRING_NAME, error=KeyringError, what=KEYRING_NAME)
 
     def bad(msg: str) -> KeyringError:
@@ -672,7 +673,12 @@ def load_keyring(root: str | os.PathLike[str]) -> Keyring:
         raise bad("wrap is not base64") from None
     if len(nonce) != 12 or len(wrapped) != KEY_NBYTES + 16:
         raise bad("wrap sizes")
-    return Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
+    ring = Keyring(bytes.fromhex(ds_hex), key_id, kdf, nonce, wrapped)
+    # the exact bytes this library writes: an edit that keeps the JSON meaningful
+    # (whitespace, the informational "alg", an extra field) is refused, not ignored
+    if json.dumps(ring.to_json(), indent=2).encode() != bytes(blob).rstrip(b"\n"):
+        raise bad("it differs from the form this library writes: edited")
+    return ring
 
 
 @audited("rotate-key", key_arg="old")
@@ -696,28 +702,66 @@ def rotate_key(
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
-    from lightning_sustain.data.storage import is_remote
+    from lightning_sustain.data.storage import as_store, is_remote
 
     if is_remote(root):
-        raise ValueError(
-            f"rotate-key works on a local root only ({str(root)!r} is in object storage, which "
-            "has no lock): copy keyring.json and dataset.lsd down, rotate, upload keyring.json"
-        )
+        return _rotate_remote(as_store(root), old, new, new_uses_password)
     with keyring_lock(root):
         return _rotate_locked(root, old, new, new_uses_password)
 
 
+def _rotate_remote(store: Any, old: Any, new: Any, new_uses_password: bool) -> Keyring:
+    """Rotate on object storage: one PUT of ``keyring.json``, checked before and after.
+
+    Object storage has no lock: the keyring is re-read just before the PUT (another
+    rotation since ours began is refused) and read back after it (a rotation that raced
+    between the check and the PUT is reported, naming the key id that is now current).
+    Shards and manifests are untouched (the data key does not change).
+    """
+    blob = _remote_keyring_blob(store)
+    ring = parse_keyring(blob)
+    new_ring = _rewrap(ring, old, new, new_uses_password, str(store))
+    if _remote_keyring_blob(store) != blob:
+        raise ConcurrentWriteError(
+            f"{KEYRING_NAME} at {store.url!r} was changed by another rotation while this one "
+            "ran; nothing was written: re-run rotate-key with the key now in use",
+            shard=KEYRING_NAME,
+        )
+    data = json.dumps(new_ring.to_json(), indent=2).encode()
+    store.put(KEYRING_NAME, data)  # one PUT: the object is replaced whole or not at all
+    now = _remote_keyring_blob(store)
+    if now != data:
+        current = parse_keyring(now).key_id
+        raise ConcurrentWriteError(
+            f"{KEYRING_NAME} at {store.url!r} was overwritten by a concurrent rotation: the "
+            f"data key is now wrapped for key id {current}, not {new_ring.key_id}; run one "
+            "rotation at a time",
+            shard=KEYRING_NAME,
+        )
+    logger.info("rotated dataset %s from key id %s to key id %s", store.url, ring.key_id,
+                new_ring.key_id)
+    return new_ring
+
+
+def _remote_keyring_blob(store: Any) -> bytes:
+    return store.read_small(
+        KEYRING_NAME, MAX_KEYRING_NBYTES, label=KEYRING_NAME, error=KeyringError,
+        missing_message=f"{KEYRING_NAME} does not exist: {store.url!r} is not an encrypted "
+        "dataset root (write one with `lightning-sustain encrypt`)",
+    )
+
+
+def _rewrap(ring: Keyring, old: Any, new: Any, new_uses_password: bool, where: str) -> Keyring:
+    """The data key of ``ring`` (opened with ``old``) wrapped for ``new``."""
+    data_key = ring.unwrap(ring.master_key(old), where)
+    kdf = scrypt_kdf_params() if new_uses_password else {"name": "raw"}
+    template = Keyring(ring.dataset_id, "0" * 16, kdf, b"", b"")
+    return Keyring.wrap(data_key, template.master_key(new), ring.dataset_id, kdf)
+
+
 def _rotate_locked(root: Any, old: Any, new: Any, new_uses_password: bool) -> Keyring:
     ring = load_keyring(root)
-    data_key = ring.unwrap(ring.master_key(old), str(root))
-    if new_uses_password:
-        kdf = scrypt_kdf_params()
-        template = Keyring(ring.dataset_id, "0" * 16, kdf, b"", b"")
-    else:
-        kdf = {"name": "raw"}
-        template = Keyring(ring.dataset_id, "0" * 16, kdf, b"", b"")
-    new_master = template.master_key(new)
-    new_ring = Keyring.wrap(data_key, new_master, ring.dataset_id, kdf)
+    new_ring = _rewrap(ring, old, new, new_uses_password, str(root))
     new_ring.save(root)
     logger.info("rotated dataset %s from key id %s to key id %s", root, ring.key_id,
                 new_ring.key_id)

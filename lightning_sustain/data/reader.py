@@ -11,7 +11,9 @@ import os
 import posixpath
 import stat
 import struct
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +61,17 @@ from lightning_sustain.data.format import (
 from lightning_sustain.data.keys import DataKey, KeyReference, MasterKey, load_keyring
 from lightning_sustain.data.storage import RemoteObject, RemoteStore, as_store, is_remote
 
-__all__ = ["SplitReader", "VerifyReport", "open_split", "verify_dataset"]
+__all__ = ["DEFAULT_BLOCK_NBYTES", "DEFAULT_INFLIGHT", "SplitReader", "VerifyReport", "open_split",
+           "verify_dataset"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_OPEN_FILES = 16
 _POOL_SIZE = 16
+#: bytes of adjacent frames fetched from object storage with one ranged GET (a read block)
+DEFAULT_BLOCK_NBYTES = 4 * 1024 * 1024
+#: read blocks fetched ahead of the one being decrypted (per reader, i.e. per worker)
+DEFAULT_INFLIGHT = 3
 _U32 = struct.Struct("<I")
 
 
@@ -294,14 +301,18 @@ class SplitReader:
         self._openers: dict[int, FrameOpener] = {}
         self._frames = [s.frames for s in self.manifest.shards]
         self._pool: list[bytearray] = []  # plaintext buffers for reuse (wiped on close)
-        self._prefetched: dict[tuple[int, int], bytes] = {}  # remote ciphertext, read ahead
-        self._inflight: list[tuple[list[tuple[int, int]], Any]] = []
-        self._executor: Any = None
+        self._executor: Any = None  # fetch threads of a URL root (reused across epochs)
+        self._executor_pid = -1
+        self._fd_lock = threading.Lock()  # fetch threads stat shards too
+        self._blocks_of: dict[int, tuple[list[tuple[int, int, int, int, int]], np.ndarray]] = {}
+        #: most ciphertext bytes held at once by :meth:`iter_frames` (fetched or in flight)
+        self.peak_ciphertext_nbytes = 0
         self._layouts: dict[int, tuple] = {}
         self._views: dict[tuple[int, int], tuple] = {}
         self._names = [
             f"{self._rel}/{s.file}" for s in self.manifest.shards
         ]
+        self._first_frame = np.cumsum([0] + [len(f) for f in self._frames])[:-1].tolist()
         self._frame_starts = np.cumsum(
             [0] + [f[2] for s in self.manifest.shards for f in s.frames], dtype=np.int64
         )
@@ -397,11 +408,14 @@ class SplitReader:
         info = self.manifest.shards[si]
         name = self.shard_name(si)
         if self._store is not None:
-            fd = self._remote_object(si)
-            self._fds[si] = fd
-            self._add_opener(si)
-            while len(self._fds) > _MAX_OPEN_FILES:
-                self._fds.popitem(last=False)
+            with self._fd_lock:  # fetch threads and the decrypting thread share the map
+                fd = self._fds.get(si)
+                if fd is None:
+                    fd = self._remote_object(si)
+                    self._fds[si] = fd
+                    self._add_opener(si)
+                    while len(self._fds) > _MAX_OPEN_FILES:
+                        self._fds.popitem(last=False)
             return fd
         path = self.directory / info.file
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -448,10 +462,8 @@ class SplitReader:
             if isinstance(fd, int):
                 os.close(fd)
         self.wipe_pool()
-        self._prefetched.clear()
-        self._inflight = []
         executor, self._executor = getattr(self, "_executor", None), None
-        if executor is not None:
+        if executor is not None and getattr(self, "_executor_pid", -1) == os.getpid():
             executor.shutdown(wait=False, cancel_futures=True)
         for buf, _, _ in self._views.values():
             wipe(buf)
@@ -486,7 +498,9 @@ class SplitReader:
 
         The hot path of every epoch: ``pread`` of nonce and ciphertext, the associated data
         packed in place into a per-shard buffer, ``decrypt_into`` a pooled buffer, and
-        column views cached per pooled buffer (no per-frame plaintext allocation).
+        column views cached per pooled buffer (no per-frame plaintext allocation). A URL
+        root fetches exactly this frame with one ranged GET (:meth:`iter_frames` coalesces
+        and pipelines the fetches of many frames).
 
         Returns:
             ``(columns, buffer)``: read-only column views of shape ``(n, *field.shape)`` into
@@ -495,8 +509,7 @@ class SplitReader:
         Raises:
             ShardError: Missing, truncated, swapped, stale or modified data.
         """
-        frames = self._frames[shard_index]
-        offset, length, n = frames[frame_index]
+        offset, length, _ = self._frames[shard_index][frame_index]
         fd = self._fds.get(shard_index)
         if fd is None:
             fd = self._fd(shard_index)
@@ -505,14 +518,17 @@ class SplitReader:
             # a cffi buffer conversion, which costs more than the extra pread (measured)
             nonce = os.pread(fd, NONCE_NBYTES, offset)
             body = os.pread(fd, length - NONCE_NBYTES, offset + NONCE_NBYTES)
-        else:  # remote: one ranged GET per frame (or read ahead), never the whole shard
-            blob = self._prefetched.pop((shard_index, frame_index), None)
-            if blob is None and self._inflight:
-                self._collect(wait=True)
-                blob = self._prefetched.pop((shard_index, frame_index), None)
-            if blob is None or len(blob) != length:
-                blob = fd.pread(length, offset)
+        else:  # remote: one ranged GET of this frame, never the whole shard
+            blob = fd.pread(length, offset)
             nonce, body = blob[:NONCE_NBYTES], blob[NONCE_NBYTES:]
+        return self._open_frame(shard_index, frame_index, nonce, body)
+
+    def _open_frame(
+        self, shard_index: int, frame_index: int, nonce: bytes, body: bytes
+    ) -> tuple[dict[str, np.ndarray], bytearray]:
+        """Authenticate and decode one frame's ciphertext (``nonce``, ``body``)."""
+        frames = self._frames[shard_index]
+        offset, length, n = frames[frame_index]
         if len(body) != length - NONCE_NBYTES or len(nonce) != NONCE_NBYTES:
             raise TruncatedShardError(
                 f"frame ends past the end of the shard ({len(nonce) + len(body)} of {length} "
@@ -572,53 +588,127 @@ class SplitReader:
             self.audit.frame(self._names[shard_index], n)
         return cols, buf
 
-    def prefetch(self, units: list[tuple[int, int]], *, background: bool = False) -> None:
-        """Fetch the ciphertext of upcoming frames concurrently (remote roots; no-op locally).
+    def blocks(self, block_nbytes: int) -> tuple[list[tuple[int, int, int, int, int]], np.ndarray]:
+        """Group adjacent frames of each shard into read blocks of at most ``block_nbytes``.
 
-        Only ciphertext is held (authenticated when :meth:`read_frame` decrypts it); a
-        range that fails here is read again, with retries, by :meth:`read_frame`. With
-        ``background`` the fetch runs in a helper thread while the caller decrypts.
+        A block never spans two shards and holds at least one frame (a frame larger than
+        ``block_nbytes`` is a block of its own); ``block_nbytes <= 0`` makes every frame a
+        block. The grouping depends only on the authenticated manifest, so it is the same
+        in every process and epoch (stable cache keys, same shuffle on every rank).
+
+        Returns:
+            ``(blocks, block_of_frame)``: per block ``(shard, first_frame, stop_frame,
+            offset, nbytes)``; per frame of the split (storage order) its block index.
+        """
+        key = max(0, int(block_nbytes))
+        got = self._blocks_of.get(key)
+        if got is not None:
+            return got
+        blocks: list[tuple[int, int, int, int, int]] = []
+        of: list[int] = []
+        for si, frames in enumerate(self._frames):
+            start = 0
+            for fi, (off, ln, _) in enumerate(frames):
+                if fi > start:
+                    b_off = frames[start][0]
+                    if off + ln - b_off > key or off != frames[fi - 1][0] + frames[fi - 1][1]:
+                        p_off, p_ln, _ = frames[fi - 1]
+                        blocks.append((si, start, fi, b_off, p_off + p_ln - b_off))
+                        start = fi
+                of.append(len(blocks))
+            if frames:
+                b_off = frames[start][0]
+                blocks.append((si, start, len(frames), b_off,
+                               frames[-1][0] + frames[-1][1] - b_off))
+        got = self._blocks_of[key] = (blocks, np.asarray(of, dtype=np.int64))
+        return got
+
+    def iter_frames(
+        self,
+        units: Sequence[tuple[int, int]],
+        *,
+        block_nbytes: int = DEFAULT_BLOCK_NBYTES,
+        inflight: int = DEFAULT_INFLIGHT,
+    ) -> Iterator[tuple[dict[str, np.ndarray], bytearray]]:
+        """Yield :meth:`read_frame` of every ``(shard, frame)`` in ``units``, in order.
+
+        On a URL root the frames' read blocks (:meth:`blocks`) are fetched with one ranged
+        GET each, up to ``inflight`` blocks ahead of the frame being decrypted, by a pool of
+        fetch threads that outlives the epoch (its connections are reused); the shard
+        object is stat'ed and its header checked in the fetch thread too, so the next
+        shard's first block is on its way while this one is decrypted. Only ciphertext is
+        held, at most ``inflight + 1`` blocks (:attr:`peak_ciphertext_nbytes`); every frame
+        is authenticated when it is decrypted, so a block fetched after its object was
+        replaced fails authentication naming shard and frame. A local root reads frame by
+        frame (``pread``). Each yielded buffer goes back with :meth:`release`.
         """
         if self._store is None:
+            for si, fi in units:
+                yield self.read_frame(si, fi)
             return
-        self._collect(wait=False)
-        busy = {u for us, _ in self._inflight for u in us}
-        want = [(si, fi) for si, fi in dict.fromkeys(units)
-                if (si, fi) not in self._prefetched and (si, fi) not in busy]
-        if not want:
-            return
-        for si in dict.fromkeys(si for si, _ in want):
-            self._fd(si)  # stat + header check once per shard
-        items = []
-        for si, fi in want:
-            off, ln, _ = self._frames[si][fi]
-            items.append((self._names[si], off, ln))
-        if background:
-            if self._executor is None:
-                from concurrent.futures import ThreadPoolExecutor
+        blocks, of = self.blocks(block_nbytes)
+        inflight = max(1, int(inflight))
+        gids = [int(of[self._first_frame[si] + fi]) for si, fi in units]
+        order = list(dict.fromkeys(gids))
+        left = Counter(gids)
+        _ = self._store.fs  # created once here, not raced by the fetch threads
+        if self._executor is None or self._executor_pid != os.getpid():
+            # a pool inherited through fork has no threads: each process makes its own
+            from concurrent.futures import ThreadPoolExecutor
 
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="lss-prefetch")
-            self._inflight.append((want, self._executor.submit(self._store.read_ranges, items)))
-            return
-        for (si, fi), data in zip(want, self._store.read_ranges(items), strict=True):
-            if data is not None:
-                self._prefetched[(si, fi)] = data
+            self._executor = ThreadPoolExecutor(max(inflight, 4),
+                                                thread_name_prefix="lss-fetch")
+            self._executor_pid = os.getpid()
+        pending: dict[int, Any] = {}
+        held: dict[int, bytes] = {}
+        nxt = 0
 
-    def _collect(self, *, wait: bool) -> None:
-        """Move finished background fetches into the read-ahead map."""
-        keep = []
-        for want, fut in self._inflight:
-            if not (wait or fut.done()):
-                keep.append((want, fut))
-                continue
+        def fetch(b: int) -> bytes:
+            si, _, _, off, nbytes = blocks[b]
+            obj = self._fd(si)  # stat, size and header check (once per shard)
             try:
-                got = fut.result()
-            except Exception:  # noqa: BLE001 - read_frame reads these again with retries
-                continue
-            for key, data in zip(want, got, strict=True):
-                if data is not None:
-                    self._prefetched[key] = data
-        self._inflight = keep
+                data = obj.pread(nbytes, off)
+            except FileNotFoundError:
+                raise MissingShardError(
+                    f"shard object listed in the manifest does not exist at "
+                    f"{self._store.display(self._names[si])!r}; restore it",
+                    shard=self._names[si]) from None
+            return data
+
+        def top_up() -> None:
+            nonlocal nxt
+            while nxt < len(order) and len(pending) + len(held) <= inflight:
+                b = order[nxt]
+                pending[b] = self._executor.submit(fetch, b)
+                nxt += 1
+            held_nbytes = sum(blocks[b][4] for b in (*pending, *held))
+            self.peak_ciphertext_nbytes = max(self.peak_ciphertext_nbytes, held_nbytes)
+
+        try:
+            top_up()
+            for (si, fi), b in zip(units, gids, strict=True):
+                data = held.get(b)
+                if data is None:
+                    data = held[b] = pending.pop(b).result()
+                _, _, _, b_off, b_len = blocks[b]
+                off, length, _ = self._frames[si][fi]
+                if len(data) != b_len:
+                    raise TruncatedShardError(
+                        f"frame ends past the end of the shard ({len(data)} of {b_len} bytes "
+                        "of its block read)", shard=self._names[si], frame=fi)
+                rel = off - b_off
+                nonce = data[rel:rel + NONCE_NBYTES]
+                body = data[rel + NONCE_NBYTES:rel + length]
+                left[b] -= 1
+                if not left[b]:
+                    del held[b]
+                    top_up()
+                yield self._open_frame(si, fi, nonce, body)
+        finally:
+            for fut in pending.values():
+                fut.cancel()
+            pending.clear()
+            held.clear()
 
     def release(self, buf: bytearray) -> None:
         """Give a buffer returned by :meth:`read_frame` back for reuse.
@@ -726,6 +816,7 @@ def verify_dataset(
     stop_at_first: bool = False,
     pin_dataset_id: str | bytes | None = None,
     min_dataset_version: int | None = None,
+    read_block_nbytes: int = DEFAULT_BLOCK_NBYTES,
 ) -> VerifyReport:
     """Authenticate every frame of every split; report the first bad frame of each shard.
 
@@ -740,6 +831,9 @@ def verify_dataset(
         stop_at_first: Stop at the first failure.
         pin_dataset_id: Refuse a root holding another dataset.
         min_dataset_version: Refuse a dataset older than this version.
+        read_block_nbytes: A URL root is fetched in blocks of adjacent frames of at most
+            this many bytes (one ranged GET each, a few ahead; see
+            :meth:`SplitReader.iter_frames`).
 
     Appends one access-audit record (keyword arguments ``audit_path``, ``audit_context``).
     """
@@ -809,15 +903,18 @@ def verify_dataset(
                     report.warnings.append(f"{split}/{name} is not listed in the manifest")
             for si, info in enumerate(reader.manifest.shards):
                 report.shards += 1
-                for fi in range(len(info.frames)):
-                    try:
-                        cols, buf = reader.read_frame(si, fi)
-                    except ShardError as exc:
-                        if fail(exc):
-                            return report
-                        break
-                    report.frames += 1
-                    report.samples += len(next(iter(cols.values())))
-                    del cols
-                    reader.release(buf)
+                # a URL root: blocks of adjacent frames fetched ahead, one ranged GET each
+                frames = reader.iter_frames([(si, fi) for fi in range(len(info.frames))],
+                                            block_nbytes=read_block_nbytes)
+                try:
+                    for cols, buf in frames:
+                        report.frames += 1
+                        report.samples += len(next(iter(cols.values())))
+                        del cols
+                        reader.release(buf)
+                except ShardError as exc:
+                    if fail(exc):
+                        return report
+                finally:
+                    frames.close()
     return report

@@ -5,8 +5,10 @@ A plain local path (or a ``file://`` URL) keeps the hardened local code path of
 caps, directory fsync, ``flock``). Any other URL becomes a :class:`RemoteStore`:
 
 - size caps are applied from the object's size (``fs.info``) before a byte is read;
-- frames are fetched with range reads (``fs.cat_file(path, start, end)``), never whole
-  shards; an optional local cache holds fetched *ciphertext* ranges only;
+- frames are fetched with range reads (``fs.cat_file(path, start, end)``) of one frame or
+  one read block of adjacent frames (:meth:`SplitReader.iter_frames`, 4 MiB by default),
+  never a whole shard larger than that; an optional local cache holds fetched
+  *ciphertext* ranges only;
 - the filesystem object is created lazily in the process that uses it (DataLoader
   workers each open their own: s3fs/aiohttp are not fork-safe);
 - credentials come only from the provider chain (env vars, ``~/.aws``, instance
@@ -52,6 +54,9 @@ _SECRET_KEY_RE = re.compile(
 _ALLOWED_KEYS = {"client_kwargs", "config_kwargs", "s3_additional_kwargs", "endpoint_url",
                  "anon", "use_ssl", "requester_pays", "version_aware", "default_block_size",
                  "region_name", "profile", "project", "cache_regions"}
+#: the package providing each common fsspec protocol (named in the error when missing)
+_FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+                    "abfs": "adlfs", "abfss": "adlfs", "hf": "huggingface_hub"}
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
                "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY")
 
@@ -235,9 +240,13 @@ class RemoteStore:
             try:
                 cls = fsspec.get_filesystem_class(self.protocol)
             except (ImportError, ValueError) as exc:
+                package = _FSSPEC_PACKAGES.get(self.protocol)
+                hint = (f"install {package} (pip install {package}) to use "
+                        f"{self.protocol}:// roots" if package else
+                        "install the fsspec implementation of this protocol")
                 raise StorageError(
-                    f"no fsspec implementation for {self.protocol!r} URLs ({_scrub(str(exc))}); "
-                    "install it (e.g. s3fs for s3://, gcsfs for gs://)"
+                    f"cannot open {self.url!r}: no fsspec implementation for "
+                    f"{self.protocol}:// is installed ({_scrub(str(exc))}); {hint}"
                 ) from None
             self._fs = cls(skip_instance_cache=True, **opts)
             if hasattr(self._fs, "retries"):
@@ -345,38 +354,6 @@ class RemoteStore:
         if cached is not None and len(data) == nbytes:
             self._cache_put(cached, data)
         return bytes(data)
-
-    def read_ranges(self, items: list[tuple[str, int, int]]) -> list[bytes | None]:
-        """Fetch several ``(rel, offset, nbytes)`` ranges concurrently (``fs.cat_ranges``).
-
-        Ranges that fail come back as ``None``: the caller reads them one by one through
-        :meth:`read_range` (with retries and error mapping). Cached ranges are not fetched.
-        """
-        out: list[bytes | None] = [None] * len(items)
-        todo = []
-        for i, (rel, off, n) in enumerate(items):
-            cached = self._cache_file(rel, off, n)
-            if cached is not None and cached.is_file():
-                continue  # read_range serves it from the cache
-            todo.append(i)
-        if not todo:
-            return out
-        fs = self.fs
-        paths = [self.path(items[i][0]) for i in todo]
-        starts = [items[i][1] for i in todo]
-        ends = [items[i][1] + items[i][2] for i in todo]
-        try:
-            got = fs.cat_ranges(paths, starts, ends, on_error="return")
-        except Exception:  # noqa: BLE001 - fall back to single reads with retries
-            return out
-        for i, data in zip(todo, got, strict=True):
-            rel, off, n = items[i]
-            if isinstance(data, (bytes, bytearray)) and len(data) == n:
-                out[i] = bytes(data)
-                cached = self._cache_file(rel, off, n)
-                if cached is not None:
-                    self._cache_put(cached, out[i])
-        return out
 
     def _cache_file(self, rel: str, offset: int, nbytes: int) -> Path | None:
         if self.cache_dir is None:
