@@ -59,6 +59,8 @@ _MIN_SEGMENT_S = 0.04
 _WARMUP_STEPS = 2
 # idle power below this fraction of the work's power: the device's power follows the work
 _IDLE_RATIO = 0.5
+# work segments needed before the idle power is compared with the work's
+_MIN_WORK_SEGMENTS = 8
 
 
 class BudgetExceeded(RuntimeError):
@@ -200,6 +202,10 @@ class EnergyBudgetCore:
         #: this process's energy spent writing the stop checkpoint, in joules
         self.checkpoint_energy_j = 0.0
         self.meter: EnergyMeter | None = None
+        #: for loops driving the core themselves (EnergyRun.attach_budget): writes the stop
+        #: checkpoint and returns its path / serialises the same state to memory
+        self.save_checkpoint: Callable[[], str | None] | None = None
+        self.trial_checkpoint: Callable[[], object] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -222,16 +228,18 @@ class EnergyBudgetCore:
         }
         self._open: dict[str, float] = {}
         self._val_batches_bound = 0
-        # the idle probe: (window start, end, power while idle, the windows of work
-        # before and after it), until the work around it is measured
-        self._probe: tuple[float, float, float, tuple[float, float], tuple[float, float]] | None
-        self._probe = None
+        # windows without training work (the probe, checkpoint writes, waits for the
+        # counter): curve segments overlapping them are not the work's power
+        self._idle_spans: deque[tuple[float, float]] = deque(maxlen=64)
+        self._work_from_s = math.inf  # the work's power is taken after the start-up steps
+        self._work_powers: dict[str, list[float]] = {}
         #: mean power while the loop did no training work (the probe), in watts
         self.idle_power_w: float | None = None
         #: does the device's power run independently of the work? (None: not known yet)
         self.power_follows_time: bool | None = None
         self._checkpoint_durations: deque[float] = deque(maxlen=8)
         self._probe_tried = False
+        self._trial_s = 0.0  # the trial checkpoint write's duration
         self._warm_durations: list[float] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -291,10 +299,17 @@ class EnergyBudgetCore:
             t0, e0 = start
             for t, e in zip(times, energies, strict=True):
                 if t <= covered and t - t0 >= _MIN_SEGMENT_S:
+                    power_w = max(0.0, (e - e0) / (t - t0))
                     powers = self._powers.setdefault(device_id, deque())
-                    powers.append((t, max(0.0, (e - e0) / (t - t0))))
+                    powers.append((t, power_w))
                     while powers and powers[0][0] < horizon:
                         powers.popleft()
+                    if t0 >= self._work_from_s and not any(
+                        a < t and b > t0 for a, b in self._idle_spans
+                    ):
+                        work = self._work_powers.setdefault(device_id, [])
+                        if len(work) < 4096:
+                            work.append(power_w)
                     t0, e0 = t, e
             self._seg_start[device_id] = (t0, e0)
         self._measure_windows()
@@ -323,17 +338,27 @@ class EnergyBudgetCore:
                 else:
                     keep.append((t0, t1))
             self._pending[kind] = keep
-        if self._probe is not None and self._probe[4][1] <= until:
-            _, _, idle_w, before, after = self._probe
-            self._probe = None
-            work_w = min(
-                sum(meter.energy_between(*window).values()) / (window[1] - window[0])
-                for window in (before, after)
-            )
-            # a device that idles while the loop does no work draws well below a step's
-            # power; one that does not (shared, throttled, a wall-time power profile) is
-            # priced by time at the highest power seen
-            self.power_follows_time = idle_w >= _IDLE_RATIO * work_w
+        self._classify()
+
+    def _classify(self) -> None:
+        """Decide whether the device's power follows the work.
+
+        From the idle probe and the work's curve segments (their low decile: a phase of
+        lower power counts).
+        """
+        if self.idle_power_w is None or self.power_follows_time is True:
+            return
+        devices = self.meter.streams if self.meter is not None else []
+        lows = []
+        for stream in devices:
+            work = self._work_powers.get(stream.info.device_id, [])
+            if len(work) < _MIN_WORK_SEGMENTS:
+                return
+            lows.append(_quantile(work, 0.25))
+        # a device that idles while the loop does no work draws well below its lowest
+        # working power; one that does not (shared, throttled, a wall-time power profile)
+        # is priced by time at the highest power seen (sticky: once seen, kept)
+        self.power_follows_time = self.idle_power_w >= _IDLE_RATIO * sum(lows)
 
     def _burst_w(self, device_id: str, fallback: float | None) -> float:
         powers = self._powers.get(device_id)
@@ -423,6 +448,8 @@ class EnergyBudgetCore:
                 self._warm_durations.append(duration)
         self._last_end_s = now
         self._step_ends.append((self.steps, now))
+        if self.steps == _WARMUP_STEPS:
+            self._work_from_s = now
         return self.steps
 
     def begin(self, kind: Literal["checkpoint", "validation"], now_s: float | None = None) -> None:
@@ -440,6 +467,7 @@ class EnergyBudgetCore:
             self._pending[kind].append((start, now))
             if kind == "checkpoint":
                 self._checkpoint_durations.append(now - start)
+                self._idle_spans.append((start, now))
         self._last_end_s = now
         # the next step's boundary pairs with this one, not with the step before
         self._step_ends.append((-1, now))
@@ -467,11 +495,11 @@ class EnergyBudgetCore:
         Once, after the start-up steps (``stop``/``raise``: with a trial of the checkpoint
         write as ``write``, called twice: the second is timed). The window runs from one
         counter update to the first update after ``write`` returned, so its energy is
-        exact (it costs up to two update periods). Compared with the power of the steps
-        just before and after it, it tells whether the device's power follows the work
-        (then what is not a step is priced at this idle power) or runs independently of
-        it (then everything is priced by time at the highest power seen). Until known,
-        the second is assumed.
+        exact (it costs up to two update periods). Compared with the lower quartile of the
+        training's curve segments (at least eight, outside such windows), it tells
+        whether the device's power follows the work (then what is not a step is priced at
+        this idle power) or runs independently of it (then everything is priced by time
+        at the highest power seen). Until known, the second is assumed.
         """
         meter = self.meter
         self._probe_tried = True
@@ -488,21 +516,16 @@ class EnergyBudgetCore:
             write()
         ended = time.monotonic()
         if write is not None:
-            self._checkpoint_durations.append(ended - started)
+            self._trial_s = ended - started
         meter.wait_until_covered(ended + 1e-6, timeout_s=self.sync_timeout_s)
         t1 = meter.latest_time_s()
         self._last_end_s = time.monotonic()
         self._step_ends.append((-1, self._last_end_s))
+        self._idle_spans.append((now, self._last_end_s))
         if t0 is None or t1 is None or t1 - t0 <= 0 or not ends:
             return
         self.idle_power_w = sum(meter.energy_between(t0, t1).values()) / (t1 - t0)
-        span = max(0.1, 2.0 * (self.update_period_s() or 0.05))
-        if self._durations:  # several steps: their power, not one burst or one gap
-            span = max(span, 4.0 * _quantile(list(self._durations), 0.5))
-        last_end = ends[-1]
-        before = (max(self._t_start_s, last_end - span), last_end)
-        after = (self._last_end_s, self._last_end_s + span)
-        self._probe = (t0, t1, self.idle_power_w, before, after)
+        self._classify()
 
     def set_validation_batches(self, batches: int) -> None:
         """How many batches a validation run has (bounds it before one was measured)."""
@@ -563,7 +586,8 @@ class EnergyBudgetCore:
         a measured step says little about the next: then also the highest power seen
         times the recent steps' duration (their upper quartile where power may run
         independently of the work, else their mean; the margin twice), if larger. During
-        the start-up steps: their mean energy so far.
+        the start-up steps: their mean energy so far (after a resume, at least what the
+        last run reserved).
         """
         energies = list(self._step_energies)
         durations = list(self._durations)
@@ -573,7 +597,10 @@ class EnergyBudgetCore:
             # the start-up steps: their mean (a first step is often slow; its time at the
             # highest power would stop small budgets before they started)
             spent_j = self.spent_estimate_j(self._last_end_s)
-            return spent_j / len(self._warm_durations) * (1.0 + self.margin)
+            # after a resume, what the last run reserved bounds them too
+            return max(
+                spent_j / len(self._warm_durations) * (1.0 + self.margin), self.prior_reserve_j
+            )
         period = self.update_period_s() or 0.0
         long_steps = bool(durations) and _quantile(durations, 0.5) >= 2.0 * period
         bound = max(energies, default=0.0) * (1.0 + self.margin) if long_steps else 0.0
@@ -597,21 +624,26 @@ class EnergyBudgetCore:
     def checkpoint_j(self) -> float:
         """A bound on writing the stop checkpoint, in joules (0 for ``warn``).
 
-        Measured writes (a trial write, and the real one once made), each priced as the
-        larger of its measured energy and its duration at the highest power seen; before
-        any, a fifth of a step.
+        The trial write (three times its duration plus 10 ms: the real write adds a file
+        and the framework's bookkeeping) and real writes once made; priced at the idle
+        power with a 50 % margin where the device's power follows the work, else at the
+        highest power seen; before any, a fifth of a step.
         """
         if self.action == "warn":
             return 0.0
         durations = list(self._checkpoint_durations)
         energies = [e for e, _ in self._costs["checkpoint"]]
-        if not durations:
+        if not durations and not self._trial_s:
             return 0.2 * (self.next_step_j() or 0.0)
+        # a trial serialises to memory; the real write adds the file and the framework's
+        # bookkeeping (measured here at 2-4 times the trial): three times it plus 10 ms
+        trial_s = self._trial_s
+        longest_s = max(max(durations, default=0.0), 3.0 * trial_s + 0.01 if trial_s else 0.0)
         if self._by_time:
-            return self._cost_bound_j(energies, durations)
+            return self._cost_bound_j(energies, [longest_s])
         # power follows the work: a write draws about what the device draws idle
         idle_w = self.idle_power_w or 0.0
-        return max(max(energies, default=0.0), 1.5 * idle_w * max(durations))
+        return max(max(energies, default=0.0), 1.5 * idle_w * longest_s)
 
     def validation_j(self) -> float:
         """A bound on one validation run, in joules.
@@ -667,20 +699,34 @@ class EnergyBudgetCore:
         reduce = reduce_sum or (lambda values: values)
 
         def decide(at_s: float, exact: bool, waited_s: float) -> BudgetCheck:
-            local = self.spent_bound_j(at_s)
+            # decided on the bound of the unmeasured tail; "spent" says the estimate
+            bound = self.spent_bound_j(at_s)
+            estimate = self.spent_estimate_j(at_s)
             reserve = self.reserve(steps_ahead, validation_follows).total_j
-            spent_run, reserve_all = (float(v) for v in reduce([local, reserve]))
+            bound_run, spent_run, reserve_all = (
+                float(v) for v in reduce([bound, estimate, reserve])
+            )
+            cross = self.prior_spent_j + bound_run + reserve_all > self.budget_j
             spent = self.prior_spent_j + spent_run
-            cross = spent + reserve_all > self.budget_j
             return BudgetCheck(spent, reserve_all, self.budget_j, cross, exact, waited_s)
 
         result = decide(now, exact=False, waited_s=0.0)
         if result.would_cross and self.meter is not None:
-            # near the budget: measure up to the step's end instead of bounding the tail
-            waited = time.monotonic()
-            self.meter.wait_until_covered(now, timeout_s=self.sync_timeout_s)
-            after = time.monotonic()
-            result = decide(after, exact=True, waited_s=after - waited)
+            # near the budget: measure up to the step's end instead of bounding the tail,
+            # if the budget affords the wait (up to an update period, which draws power
+            # too) and the stop after it
+            stop_j = self.checkpoint_j() + (self.validation_j() if validation_follows else 0.0)
+            wait_j = self.wait_bound_j()
+            # (the tail at the recent power here: a bound on it is what the wait replaces)
+            spent_j, wait_stop_j = (
+                float(v) for v in reduce([self.spent_estimate_j(now), wait_j + stop_j])
+            )
+            if self.prior_spent_j + spent_j + wait_stop_j <= self.budget_j:
+                waited = time.monotonic()
+                self.meter.wait_until_covered(now, timeout_s=self.sync_timeout_s)
+                after = time.monotonic()
+                self._idle_spans.append((now, after))
+                result = decide(after, exact=True, waited_s=after - waited)
         self.last_check = result
         if logger.isEnabledFor(logging.DEBUG):
             r = self.reserve(steps_ahead, validation_follows)
@@ -717,7 +763,7 @@ class EnergyBudgetCore:
         budget_j = self.budget_j
         spent, reserve = check.spent_j, check.reserve_j
         self.exceeded = True
-        if spent > budget_j or reserve > budget_j:
+        if spent > budget_j or reserve > budget_j or self.steps <= 1:
             logger.warning(
                 "Energy budget: %s spent and ~%.4g J reserved for the next step, with a "
                 "budget of %s (%s): the budget is smaller than the energy of the first "
@@ -758,6 +804,14 @@ class EnergyBudgetCore:
             raise BudgetExceeded(message, spent, budget_j, path)
         logger.warning("Energy budget: %s Stopping.", message)
         return path
+
+    def wait_bound_j(self) -> float:
+        """A bound on waiting (at most ``sync_timeout_s``) for the counter, in joules."""
+        period_s = min(self.sync_timeout_s, 1.5 * (self.update_period_s() or self.sync_timeout_s))
+        power_w = self.power_bound_w()
+        if not self._by_time and self.idle_power_w is not None:
+            power_w = 1.5 * self.idle_power_w
+        return period_s * power_w
 
     def record_checkpoint(self, started_s: float, ended_s: float) -> float:
         """The stop checkpoint was written between two times: count and remember its cost.
@@ -867,6 +921,7 @@ class EnergyBudgetCore:
         """Settings and figures; the meter (live resources) does not travel."""
         state = dict(self.__dict__)
         state["meter"] = None
+        state["save_checkpoint"] = state["trial_checkpoint"] = None  # closures stay here
         if state.get("describe") is _describe_j:
             state.pop("describe")
         return state
