@@ -110,7 +110,7 @@ def test_checkpoint_cost_is_measured_and_reserved(sim, tmp_path):
     assert core.checkpoint_j() > 0
     if core.power_follows_time is False:  # the simulated device's power follows the work
         assert core.checkpoint_j() == pytest.approx(
-            1.5 * core.idle_power_w * (3 * core._trial_s + 0.01)
+            1.5 * core.idle_power_w * (4 * core._trial_s + 0.03)
         )
     warn = EnergyBudget(max_kwh=1.0, action="warn")
     assert warn.core.checkpoint_j() == 0.0

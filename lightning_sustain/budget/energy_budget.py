@@ -584,8 +584,8 @@ class EnergyBudgetCore:
         last ``window``, with the margin. Shorter steps are not (a counter update spans
         several of them), and where the device's power may run independently of the work
         a measured step says little about the next: then also the highest power seen
-        times the recent steps' duration (their upper quartile where power may run
-        independently of the work, else their mean; the margin twice), if larger. During
+        times the recent steps' duration (the longest where power may run independently
+        of the work, else their mean; the margin twice), if larger. During
         the start-up steps: their mean energy so far (after a resume, at least what the
         last run reserved).
         """
@@ -617,14 +617,14 @@ class EnergyBudgetCore:
             # mean duration at the highest power is the bound; otherwise a long one
             # costs its time at that power
             mean_s = sum(durations) / len(durations)
-            d_s = _quantile(durations, 0.75) if follows_time else mean_s
+            d_s = max(durations) if follows_time else mean_s
             bound = max(bound, self.power_bound_w() * d_s * (1.0 + 2 * self.margin))
         return bound
 
     def checkpoint_j(self) -> float:
         """A bound on writing the stop checkpoint, in joules (0 for ``warn``).
 
-        The trial write (three times its duration plus 10 ms: the real write adds a file
+        The trial write (four times its duration plus 30 ms: the real write adds a file
         and the framework's bookkeeping) and real writes once made; priced at the idle
         power with a 50 % margin where the device's power follows the work, else at the
         highest power seen; before any, a fifth of a step.
@@ -636,9 +636,9 @@ class EnergyBudgetCore:
         if not durations and not self._trial_s:
             return 0.2 * (self.next_step_j() or 0.0)
         # a trial serialises to memory; the real write adds the file and the framework's
-        # bookkeeping (measured here at 2-4 times the trial): three times it plus 10 ms
+        # bookkeeping (measured here at 2-10 times the trial): four times it plus 30 ms
         trial_s = self._trial_s
-        longest_s = max(max(durations, default=0.0), 3.0 * trial_s + 0.01 if trial_s else 0.0)
+        longest_s = max(max(durations, default=0.0), 4.0 * trial_s + 0.03 if trial_s else 0.0)
         if self._by_time:
             return self._cost_bound_j(energies, [longest_s])
         # power follows the work: a write draws about what the device draws idle
@@ -654,9 +654,9 @@ class EnergyBudgetCore:
         costs = self._costs["validation"]
         if costs:
             energy = max(e for e, _ in costs) * (1.0 + 2 * self.margin)
-            # a run shorter than a counter update is not measured exactly: its time at
-            # the highest power seen bounds it as well
-            return max(energy, self.power_bound_w() * max(d for _, d in costs))
+            # a run shorter than a counter update is not measured exactly: its time (with
+            # a quarter more: the loop's time jitters) at the highest power seen bounds it
+            return max(energy, 1.25 * self.power_bound_w() * max(d for _, d in costs))
         return self._val_batches_bound * (self.next_step_j() or 0.0)
 
     def reserve(self, steps_ahead: int = 1, validation_follows: bool = False) -> Reserve:

@@ -59,6 +59,17 @@ __all__ = ["BudgetExceeded", "EnergyBudget"]
 logger = logging.getLogger(__name__)
 
 _METRIC_PREFIX = "energy_budget/"
+# the trial checkpoint goes to fsspec's in-memory file system (never to disk)
+_TRIAL_PATH = "memory://lightning_sustain-budget-trial/trial.ckpt"
+
+
+def _remove_trial() -> None:
+    try:
+        import fsspec
+
+        fsspec.filesystem("memory").rm(_TRIAL_PATH.split("://", 1)[1])
+    except Exception:  # nothing was written
+        pass
 
 
 class EnergyBudget(Callback):
@@ -245,14 +256,11 @@ class EnergyBudget(Callback):
             # a process's first checkpoint write pays one-time imports (about a second):
             # pay them here, before the budget counts, not in the stop
             try:
-                trainer.strategy.checkpoint_io.save_checkpoint(
-                    {}, "memory://lightning_sustain-budget-trial/warm-up.ckpt"
-                )
-                import fsspec
-
-                fsspec.filesystem("memory").rm("lightning_sustain-budget-trial/warm-up.ckpt")
+                trainer.strategy.checkpoint_io.save_checkpoint({}, _TRIAL_PATH)
             except Exception as exc:  # only a warm-up
                 logger.debug("EnergyBudget: checkpoint warm-up failed: %s", exc)
+            finally:
+                _remove_trial()
 
     def _close(self) -> None:
         self.core.stop()
@@ -395,12 +403,17 @@ class EnergyBudget(Callback):
             state["callbacks"] = [
                 cb.state_dict() for cb in trainer.callbacks if cb is not self  # type: ignore[attr-defined]
             ]
-            torch.save(state, io.BytesIO())
+            try:  # the strategy's own writer, to memory (fsspec): no file, no hook
+                trainer.strategy.checkpoint_io.save_checkpoint(state, _TRIAL_PATH)
+            except Exception:
+                torch.save(state, io.BytesIO())
 
         try:
             self.core.probe(write)
         except Exception as exc:  # never stop training because of the estimate
             logger.debug("EnergyBudget could not time a checkpoint write: %s", exc)
+        finally:
+            _remove_trial()
 
     # -- forecast and logging ----------------------------------------------------------
     def _update_forecast(self, trainer: pl.Trainer, spent: float) -> None:
