@@ -60,7 +60,7 @@ _WARMUP_STEPS = 2
 # idle power below this fraction of the work's power: the device's power follows the work
 _IDLE_RATIO = 0.5
 # work segments needed before the idle power is compared with the work's
-_MIN_WORK_SEGMENTS = 8
+_MIN_WORK_SEGMENTS = 4
 
 
 class BudgetExceeded(RuntimeError):
@@ -496,7 +496,7 @@ class EnergyBudgetCore:
         write as ``write``, called twice: the second is timed). The window runs from one
         counter update to the first update after ``write`` returned, so its energy is
         exact (it costs up to two update periods). Compared with the lower quartile of the
-        training's curve segments (at least eight, outside such windows), it tells
+        training's curve segments (at least four, outside such windows), it tells
         whether the device's power follows the work (then what is not a step is priced at
         this idle power) or runs independently of it (then everything is priced by time
         at the highest power seen). Until known, the second is assumed.
@@ -552,14 +552,14 @@ class EnergyBudgetCore:
     def windowed_step_j(self) -> float | None:
         """The largest energy per step over recent windows of consecutive steps, in joules.
 
-        Each window runs from one step end to a later one at least two counter updates
+        Each window runs from one step end to a later one at least three counter updates
         away (its energy is then known to a small part of a step, where single steps
         shorter than an update are not); None before such a window was measured.
         """
         meter = self.meter
         if meter is None:
             return None
-        span = max(0.1, 2.0 * (self.update_period_s() or 0.05))
+        span = max(0.15, 3.0 * (self.update_period_s() or 0.05))
         until = self._measured_until_s
         ends = [(n, t) for n, t in self._step_ends if t <= until]
         best: float | None = None
@@ -807,7 +807,7 @@ class EnergyBudgetCore:
 
     def wait_bound_j(self) -> float:
         """A bound on waiting (at most ``sync_timeout_s``) for the counter, in joules."""
-        period_s = min(self.sync_timeout_s, 1.5 * (self.update_period_s() or self.sync_timeout_s))
+        period_s = min(self.sync_timeout_s, 1.2 * (self.update_period_s() or self.sync_timeout_s))
         power_w = self.power_bound_w()
         if not self._by_time and self.idle_power_w is not None:
             power_w = 1.5 * self.idle_power_w
