@@ -193,6 +193,8 @@ class EnergyBudgetCore:
         #: the checkpoint written before stopping or raising
         self.checkpoint_path: str | None = None
         self._warned_exceeded = False
+        self._final_spent_j: float | None = None
+        self._reduced = False
         #: energy of earlier runs (all ranks), from a checkpoint, in joules
         self.prior_spent_j = 0.0
         #: what the last run's last check reserved (all ranks), from a checkpoint
@@ -253,6 +255,7 @@ class EnergyBudgetCore:
         self.meter = meter
         self.last_check = None
         self.checkpoint_energy_j = 0.0
+        self._final_spent_j = None
         now = time.monotonic() if now_s is None else now_s
         if meter is not None:
             meter.wait_until_covered(now, timeout_s=self.sync_timeout_s)
@@ -697,6 +700,7 @@ class EnergyBudgetCore:
         """
         now = time.monotonic() if now_s is None else now_s
         reduce = reduce_sum or (lambda values: values)
+        self._reduced = reduce_sum is not None
 
         def decide(at_s: float, exact: bool, waited_s: float) -> BudgetCheck:
             # decided on the bound of the unmeasured tail; "spent" says the estimate
@@ -789,6 +793,10 @@ class EnergyBudgetCore:
             path = save()
             self.record_checkpoint(started, time.monotonic())
             self.checkpoint_path = path
+        if not self._reduced:
+            # on one process: "spent" from the curve as far as it now reaches (the
+            # decision may have used an estimated tail), the checkpoint included
+            self._final_spent_j = self.prior_spent_j + self.spent_estimate_j(time.monotonic())
         fits = steps_that_fit(budget_j - spent, reserve) if reserve > 0 else 0
         message = (
             f"Energy budget {self.budget_text} reached: {self.describe(spent)} spent of "
@@ -832,6 +840,8 @@ class EnergyBudgetCore:
 
         All ranks at the last check, earlier runs and the stop checkpoint.
         """
+        if self._final_spent_j is not None:
+            return max(self._final_spent_j, self.prior_spent_j)
         if self.last_check is None:
             return self.prior_spent_j
         return max(self.last_check.spent_j + self.checkpoint_energy_j, self.prior_spent_j)

@@ -333,7 +333,7 @@ class EnergyBudget(Callback):
         check = self.core.check(
             now,
             steps_ahead=every,
-            validation_follows=self._validation_follows(trainer),
+            validation_follows=self._validation_follows(trainer, batch_idx, every),
             reduce_sum=self._reducer(trainer),
         )
         if forecast_due:
@@ -360,22 +360,32 @@ class EnergyBudget(Callback):
             self.core.end("validation")
 
     # -- reserves that need the Trainer ---------------------------------------------------------
-    def _validation_follows(self, trainer: pl.Trainer) -> bool:
-        """Whether Lightning would validate after a stop now (only ``stop`` waits for it).
+    def _validation_follows(
+        self, trainer: pl.Trainer, batch_idx: int | None = None, steps_ahead: int = 1
+    ) -> bool:
+        """Whether a validation run follows before the next decision.
 
-        ``raise`` ends the run at once and ``warn`` keeps going. Lightning validates once
-        more when a run stops early, when validation is enabled and this is a validation
-        epoch. Before a validation run was measured, each validation batch is bounded by
-        a training step (the batch count is handed to the core here).
+        Two cases: Lightning validates once more when a run stops early (only ``stop``
+        waits for it: ``raise`` ends the run at once, ``warn`` keeps going), when
+        validation is enabled and this is a validation epoch; and in any mode, a
+        scheduled validation (``val_check_interval``) falls within the next
+        ``steps_ahead`` batches, before the next check. Before a validation run was
+        measured, each validation batch is bounded by a training step (the batch count is
+        handed to the core here).
         """
-        if self.action != "stop":
-            return False
         try:
             enabled = bool(trainer.enable_validation)
         except Exception:  # no fit loop (a Trainer stub) or no data source yet
             enabled = False
         every = getattr(trainer, "check_val_every_n_epoch", 1)
         if not enabled or (every is not None and (trainer.current_epoch + 1) % every != 0):
+            return False
+        scheduled = False
+        interval = getattr(trainer, "val_check_batch", None)
+        if batch_idx is not None and isinstance(interval, int) and interval > 0:
+            # Lightning validates after batch b when (b + 1) % interval == 0
+            scheduled = any((batch_idx + k) % interval == 0 for k in range(1, steps_ahead + 1))
+        if self.action != "stop" and not scheduled:
             return False
         batches = getattr(trainer, "num_val_batches", None) or []
         count = sum(b for b in batches if isinstance(b, (int, float)) and math.isfinite(b))
