@@ -440,26 +440,46 @@ class EndTruth(Callback):
             self.end = self.sim.ground_truth_energy_j(0)
 
 
+#: power kinds of the matrix: the work sets the power (load model), or a wall-time profile
+#: does (independent of the work, as on a shared or throttled device)
+MATRIX_POWERS = ("constant", "square", "profile-constant", "profile-square")
+
+
 def bench_energy_matrix(runs: int, root: str) -> None:
-    """EnergyBudget over randomised runs: constant/square power, with/without validation,
-    stop/raise; overshoot = ground truth at the end of fit above the budget."""
+    """EnergyBudget over randomised runs: power from the work (constant/square) or from a
+    wall-time profile (constant/square), with/without validation, stop/raise; overshoot =
+    ground truth at the end of fit above the budget."""
     from lightning_sustain.callbacks.energy_budget import BudgetExceeded
+    from lightning_sustain.testing.profiles import PowerProfile
 
     print(f"== EnergyBudget matrix: {runs} randomised runs (SIMULATED device, ground truth "
           "to the end of training incl. the stop checkpoint and any validation)")  # fmt: skip
     rnd = random.Random(11)
     spec = SimulatedDeviceSpec(idle_power_w=20.0)
     table: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    started = time.monotonic()
     with SimulatedNVML([spec], counter_period_s=0.1) as sim:
         pynvml.nvmlInit()
         try:
             for i in range(runs):
-                power = ("constant", "square")[i % 2]
-                val = ("no-val", "val")[(i // 2) % 2]
-                action = ("stop", "raise")[(i // 4) % 2]
+                power = MATRIX_POWERS[i % 4]
+                val = ("no-val", "val")[(i // 4) % 2]
+                action = ("stop", "raise")[(i // 8) % 2]
                 busy_s = rnd.uniform(0.01, 0.03)
                 period = rnd.randint(3, 8) if power == "square" else 0
-                budget_j = rnd.uniform(20.0, 45.0) * 350.0 * busy_s
+                profile = None
+                if power == "profile-constant":
+                    profile = PowerProfile.constant(rnd.uniform(150.0, 400.0))
+                elif power == "profile-square":
+                    profile = PowerProfile.square(rnd.uniform(0.3, 2.0))
+                # 20-45 steps: ~350 W x busy per step for the load model; with a profile the
+                # device draws all the time: the start-up (~0.5 s, the idle probe included)
+                # and each step's whole duration (busy + ~30 ms of loop on this machine)
+                n_steps = rnd.uniform(20.0, 45.0)
+                if profile is None:
+                    budget_j = n_steps * 350.0 * busy_s
+                else:
+                    budget_j = profile.mean_power_w * (0.5 + n_steps * (busy_s + 0.03))
                 truth = EndTruth(sim)
                 budget = EnergyBudget(max_kwh=budget_j / 3.6e6, cpu="none", action=action,
                                       checkpoint_dir=os.path.join(root, f"m{i}"))  # fmt: skip
@@ -476,32 +496,44 @@ def bench_energy_matrix(runs: int, root: str) -> None:
                 loaders = {"train_dataloaders": data(10**4)}
                 if val == "val":
                     loaders["val_dataloaders"] = data(8)
+                if profile is not None:
+                    sim.set_power_profile(0, profile, origin_s=time.monotonic() - rnd.uniform(
+                        0.0, profile.period_s))  # fmt: skip
                 try:
                     t.fit(model, **loaders)
                 except BudgetExceeded:
                     pass
+                finally:
+                    sim.set_power_profile(0, None)
                 spent = truth.end - truth.start
                 steps = [b - a for a, b in zip(truth.steps[:-1], truth.steps[1:], strict=True)]
                 step_j = med(steps[-16:])
                 waste = (budget_j - spent) / step_j
                 table.setdefault((power, val, action), []).append((spent - budget_j, waste))
-                print(f"  run {i:2d} {power:8s} {val:6s} {action:5s}: budget {budget_j:7.2f} J, "
+                print(f"  run {i:2d} {power:16s} {val:6s} {action:5s}: budget {budget_j:7.2f} J, "
                       f"spent {spent:7.2f} J, step {step_j:5.2f} J, waste {waste:5.2f} steps, "
-                      f"stopped at step {t.global_step}")  # fmt: skip
+                      f"stopped at step {t.global_step}, power follows "
+                      f"{'time' if budget.core.power_follows_time is not False else 'work'}",
+                      flush=True)  # fmt: skip
         finally:
             pynvml.nvmlShutdown()
     print()
-    print(f"  {'power':8s} {'val':6s} {'action':6s} {'runs':>4s} {'over':>4s} "
+    print(f"  {'power':16s} {'val':6s} {'action':6s} {'runs':>4s} {'over':>4s} "
           f"{'max over J':>10s} {'median waste':>12s} {'max waste':>9s}")  # fmt: skip
-    all_over, all_waste = 0, []
+    all_over, all_waste, all_diff = 0, [], []
     for (power, val, action), rows in sorted(table.items()):
         over = sum(d > 0 for d, _ in rows)
         all_over += over
         all_waste += [w for _, w in rows]
-        print(f"  {power:8s} {val:6s} {action:6s} {len(rows):4d} {over:4d} "
+        all_diff += [d for d, _ in rows]
+        print(f"  {power:16s} {val:6s} {action:6s} {len(rows):4d} {over:4d} "
               f"{max(d for d, _ in rows):10.2f} {med([w for _, w in rows]):12.2f} "
               f"{max(w for _, w in rows):9.2f}")  # fmt: skip
-    print(f"  all: {runs} runs, {all_over} over budget, median waste {med(all_waste):.2f} steps")
+    for power in MATRIX_POWERS:
+        rows = [w for (p, _, _), r in table.items() if p == power for _, w in r]
+        print(f"  {power:16s} all: median waste {med(rows):.2f} steps ({len(rows)} runs)")
+    print(f"  all: {len(all_waste)} runs, {all_over} over budget (max {max(all_diff):+.2f} J), "
+          f"median waste {med(all_waste):.2f} steps; {time.monotonic() - started:.0f} s")
     ok = all_over == 0 and med(all_waste) < 1.0
     print(f"  target (0 overshoots, median waste < 1 step): {'MET' if ok else 'MISSED'}")
 

@@ -1,16 +1,21 @@
 """EnergyBudget: stop (or raise, or warn) before a run spends more than its energy or CO2e.
 
-Thin glue: measurement is :class:`~lightning_sustain.energy.meter.EnergyMeter` (shared
-with any :class:`EnergyMonitor` on the same devices), the forecast and the per-step
-estimate are :mod:`lightning_sustain.budget.forecast`.
+A thin Lightning adapter. The budget's logic (spent energy, the next-step, checkpoint and
+validation reserves, the decision, the resume state) is
+:class:`~lightning_sustain.budget.energy_budget.EnergyBudgetCore`, shared with Fabric and
+plain loops (:meth:`EnergyRun.attach_budget <lightning_sustain.run.EnergyRun.attach_budget>`);
+measurement is :class:`~lightning_sustain.energy.meter.EnergyMeter` (its curves are shared
+with any :class:`EnergyMonitor` on the same devices); the forecast is
+:mod:`lightning_sustain.budget.forecast`. This module translates hooks into calls, writes
+the checkpoint, sets ``trainer.should_stop`` and logs.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +25,13 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_sustain._compat import can_stop_early
 from lightning_sustain._deprecation import renamed_argument
-from lightning_sustain.budget.forecast import (
-    EnergyForecast,
-    StepEnergyTracker,
-    forecast_energy,
-    steps_that_fit,
+from lightning_sustain.budget.energy_budget import (
+    BudgetCheck,
+    BudgetExceeded,
+    EnergyBudgetCore,
+    ReduceSum,
 )
+from lightning_sustain.budget.forecast import EnergyForecast, forecast_energy
 from lightning_sustain.callbacks._devices import (
     CpuSelection,
     GpuSelection,
@@ -48,33 +54,22 @@ from lightning_sustain.energy.estimate import (
 )
 from lightning_sustain.energy.meter import EnergyMeter
 
+__all__ = ["BudgetExceeded", "EnergyBudget"]
+
 logger = logging.getLogger(__name__)
 
 _METRIC_PREFIX = "energy_budget/"
-_STATE_VERSION = 1
+# the trial checkpoint goes to fsspec's in-memory file system (never to disk)
+_TRIAL_PATH = "memory://lightning_sustain-budget-trial/trial.ckpt"
 
 
-def _upper_quartile(values: deque[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, (3 * len(ordered)) // 4)]
+def _remove_trial() -> None:
+    try:
+        import fsspec
 
-
-class BudgetExceeded(RuntimeError):
-    """The energy or CO2e budget would be exceeded by the next step (``action="raise"``).
-
-    Attributes:
-        spent_j: energy spent so far, all ranks and resumes included, in joules.
-        budget_j: the budget, in joules.
-        checkpoint_path: the checkpoint saved before raising (None when none was saved).
-    """
-
-    def __init__(self, message: str, spent_j: float, budget_j: float, checkpoint_path: str | None):
-        super().__init__(message)
-        self.spent_j = spent_j
-        self.budget_j = budget_j
-        self.checkpoint_path = checkpoint_path
+        fsspec.filesystem("memory").rm(_TRIAL_PATH.split("://", 1)[1])
+    except Exception:  # nothing was written
+        pass
 
 
 class EnergyBudget(Callback):
@@ -188,61 +183,38 @@ class EnergyBudget(Callback):
         )
 
         self.meter: EnergyMeter | None = None
-        self.prior_spent_j = 0.0  # all ranks, from earlier runs (checkpoint)
-        self._prior_step_j = 0.0
         self.forecast: EnergyForecast | None = None
-        self.exceeded = False
-        self.checkpoint_path: str | None = None
-        #: this process's energy spent writing the stop checkpoint, in joules
-        self.checkpoint_energy_j = 0.0
-        self._reset_run()
-
-    def _measure_checkpoint_cost(self, trainer: pl.Trainer) -> None:
-        """Time writing this run's checkpoint (to memory) and price it at the recent power.
-
-        Stopping writes a checkpoint after the decision; its energy must be reserved. The
-        trial write serialises the same state Lightning saves (model, optimizers,
-        callbacks) with ``torch.save``; the time is priced at the busiest recent power.
-        """
-        import io
-
-        try:
-            start = time.monotonic()
-            state = {"state_dict": trainer.lightning_module.state_dict()}
-            state["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-            torch.save(state, io.BytesIO())
-            elapsed_s = time.monotonic() - start
-        except Exception as exc:  # never stop training because of the estimate
-            logger.debug("EnergyBudget could not time a checkpoint write: %s", exc)
-            return
-        power_w = max(self._recent_power_w(), 0.0)
-        step_j = self._tracker.next_step_j or 0.0
-        # file writes and Lightning's own bookkeeping: at least twice the in-memory time,
-        # and never less than a fifth of a step
-        self._checkpoint_cost_j = max(2.0 * elapsed_s * power_w, 0.2 * step_j)
-
-    def _reset_run(self) -> None:
-        self._checkpoint_cost_j = 0.0
-        self._t_start_s: float | None = None
-        self._measured_j = 0.0
-        self._measured_until_s = 0.0
-        self._recent: deque[tuple[float, float]] = deque()  # (duration_s, energy_j)
-        self._recent_s = 0.0
-        self._tracker = StepEnergyTracker(warmup_steps=1)
-        # (batch count, end time) of recent steps: the forecast uses measured energy only
-        self._step_ends: deque[tuple[int, float]] = deque(maxlen=512)
-        self._step_energies: deque[float] = deque(maxlen=16)  # measured, after warm-up
-        # (time, predicted cumulative joules) at step ends, checked once measured
-        self._predictions: deque[tuple[float, float]] = deque(maxlen=64)
-        self._under_predicted: deque[float] = deque(maxlen=16)
-        self._tail_from_steps = False
-        self._last_measured_step = 2  # steps 1 and 2 include start-up and a one-time wait
-        self._val_start_j: float | None = None
-        self._val_j = 0.0
+        #: the budget's logic (Lightning-free); this callback drives it
+        self.core = EnergyBudgetCore(
+            self.budget_j, action, budget_text=self._budget_text(), describe=self._describe
+        )
         self._warned_forecast = False
-        self._warned_exceeded = False
-        self._last_cluster: tuple[float, float] = (0.0, 0.0)
-        self._last_local_j = 0.0  # this rank's spent energy at its last step end
+
+    # -- figures kept by the core -----------------------------------------------------------
+    @property
+    def prior_spent_j(self) -> float:
+        """Energy of earlier runs (all ranks), from the checkpoint, in joules."""
+        return self.core.prior_spent_j
+
+    @property
+    def exceeded(self) -> bool:
+        """True once a check said the budget cannot afford another step."""
+        return self.core.exceeded
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        """The checkpoint written before stopping or raising."""
+        return self.core.checkpoint_path
+
+    @property
+    def checkpoint_energy_j(self) -> float:
+        """This process's energy spent writing the stop checkpoint, in joules."""
+        return self.core.checkpoint_energy_j
+
+    @property
+    def spent_j(self) -> float:
+        """Energy counted so far (all ranks at the last check, plus earlier runs), in joules."""
+        return self.core.spent_j
 
     @property
     def budget_j(self) -> float:
@@ -280,103 +252,62 @@ class EnergyBudget(Callback):
                 self.cpu,
             )
         self.meter = EnergyMeter(devices, interval_s=self.interval_s)
+        if self.action != "warn":
+            # a process's first checkpoint write pays one-time imports (about a second):
+            # pay them here, before the budget counts, not in the stop
+            try:
+                trainer.strategy.checkpoint_io.save_checkpoint({}, _TRIAL_PATH)
+            except Exception as exc:  # only a warm-up
+                logger.debug("EnergyBudget: checkpoint warm-up failed: %s", exc)
+            finally:
+                _remove_trial()
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.meter is not None:
+    def _close(self) -> None:
+        self.core.stop()
+        if self.meter is not None:
             self.meter.close()
             self.meter = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if self.meter is not None:
-            self.meter.close()
-            self.meter = None
+        self._close()
 
-    # -- measurement -------------------------------------------------------------------
-    def _spent_run_j(self, now_s: float, at_step_end: bool = False) -> float:
-        """This process's energy since training started, in joules.
-
-        Measured energy, plus the unmeasured tail (a counter lags by up to one update
-        period). At a step end the tail is predicted from the same tail of earlier, fully
-        measured steps (a step's busiest part is often just before its end, so the mean
-        power would underestimate it); elsewhere at the recent mean power.
-        """
-        meter = self.meter
-        if meter is None or self._t_start_s is None:
-            return self._measured_j
-        covered = meter.latest_time_s()
-        start = self._measured_until_s
-        if covered is not None and covered > start:
-            covered = min(covered, now_s)
-            increment = sum(meter.energy_between(start, covered).values())
-            self._measured_j += max(0.0, increment)
-            self._measured_until_s = covered
-            self._recent.append((covered - start, max(0.0, increment)))
-            self._recent_s += covered - start
-            while len(self._recent) > 1 and self._recent_s - self._recent[0][0] >= 1.0:
-                self._recent_s -= self._recent.popleft()[0]
-        pending_s = max(0.0, now_s - self._measured_until_s)
-        if pending_s <= 0:
-            return self._measured_j
-        if at_step_end:
-            tail_j = self._step_tail_j(pending_s)
-            self._tail_from_steps = tail_j is not None
-            if tail_j is not None:
-                return self._measured_j + tail_j
-        return self._measured_j + self._recent_power_w() * pending_s
-
-    def _step_tail_j(self, tail_s: float) -> float | None:
-        """Mean measured energy of the last ``tail_s`` seconds of recent measured steps."""
-        if self.meter is None:
-            return None
-        start = self._t_start_s or 0.0
-        ends = [
-            t
-            for n, t in list(self._step_ends)[-16:]
-            if n >= 1 and t <= self._measured_until_s and t - tail_s >= start
-        ][-8:]
-        if not ends:
-            return None
-        total = 0.0
-        for t in ends:
-            total += sum(self.meter.energy_between(t - tail_s, t).values())
-        return total / len(ends)
-
-    def _recent_power_w(self) -> float:
-        if self._recent_s > 0:
-            return sum(e for _, e in self._recent) / self._recent_s
-        if self.meter is None:
-            return 0.0
-        return sum(p for p in self.meter.power_w().values() if p is not None)
-
-    def _cluster(self, trainer: pl.Trainer, values: list[float]) -> list[float]:
+    @staticmethod
+    def _reducer(trainer: pl.Trainer) -> ReduceSum | None:
         if trainer.world_size <= 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
-        reduced = trainer.strategy.reduce(tensor, reduce_op="sum")
-        return [float(v) for v in reduced.cpu().tolist()]
+            return None
+
+        def reduce_sum(values: Any) -> list[float]:
+            tensor = torch.tensor(
+                list(values), dtype=torch.float64, device=trainer.strategy.root_device
+            )
+            reduced = trainer.strategy.reduce(tensor, reduce_op="sum")
+            return [float(v) for v in reduced.cpu().tolist()]
+
+        return reduce_sum
 
     # -- hooks -------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reset_run()
-        now = time.monotonic()
-        if self.meter is not None:
-            # the curves must cover the start before anything is counted; the wait itself
-            # is counted (it is energy this run spends)
-            self.meter.wait_until_covered(now, timeout_s=0.5)
-        self._measured_until_s = now
-        self._t_start_s = now
-        self._tracker.start(0.0)
-        budget_j = self.budget_j
+        # the curves must cover the start before anything is counted; the wait is counted
+        self.core.start(self.meter)
+        self._warned_forecast = False
         if self.prior_spent_j > 0:
             logger.info(
                 "EnergyBudget: resuming with %s already spent of %s.",
                 self._describe(self.prior_spent_j),
                 self._budget_text(),
             )
-        if self.prior_spent_j + self._prior_step_j > budget_j:
-            self._act(trainer, self.prior_spent_j, self._prior_step_j, save=False)
+        if self.core.resume_would_cross():
+            check = BudgetCheck(
+                self.prior_spent_j, self.core.prior_reserve_j, self.budget_j, True, True
+            )
+            self.core.last_check = check
+            self._act(trainer, check, save=False)
 
     def on_train_batch_end(
         self,
@@ -386,72 +317,123 @@ class EnergyBudget(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._t_start_s is None:
+        if not self.core.started:
             return
         now = time.monotonic()
-        if self._tracker.steps == 0 and self.meter is not None:
-            # once per run: wait (at most one counter period) until the first step is
-            # measured, so every later decision knows what a step costs
-            self.meter.wait_until_covered(now, timeout_s=0.5)
-        if self._tracker.steps == 2 and self.action != "warn" and self._checkpoint_cost_j == 0:
-            self._measure_checkpoint_cost(trainer)
-            now = time.monotonic()
-        spent_local = self._spent_run_j(now, at_step_end=True)
-        self._last_local_j = spent_local
-        self._tracker.step(spent_local)
-        steps = self._tracker.steps
-        self._step_ends.append((steps, now))
-        if self._tail_from_steps:
-            self._predictions.append((now, spent_local))
-        self._measure_finished_steps()
+        steps = self.core.step_end(now)
         every = self.check_every_n_steps or (
             1 if trainer.world_size <= 1 else max(1, trainer.log_every_n_steps)
         )
+        log_every = max(1, trainer.log_every_n_steps)
         forecast_due = steps >= self.forecast_after_steps and (
-            self.forecast is None or steps % max(1, trainer.log_every_n_steps) == 0
+            self.forecast is None or steps % log_every == 0
         )
         if steps % every != 0 and not forecast_due:
             return
-        # the next steps, the last validation run, and how much the unmeasured tail was
-        # recently underestimated (self-calibrating margin for the counter's lag)
-        margin_j = _upper_quartile(self._under_predicted) or 0.0
-        next_local = (
-            (self._next_step_j() or 0.0) * every
-            + self._validation_reserve_j(trainer)
-            + self._checkpoint_reserve_j()
-            + margin_j
+        check = self.core.check(
+            now,
+            steps_ahead=every,
+            validation_follows=self._validation_follows(trainer, batch_idx, every),
+            reduce_sum=self._reducer(trainer),
         )
-        spent_run, lookahead_j = self._cluster(trainer, [spent_local, next_local])
-        spent = self.prior_spent_j + spent_run
-        self._last_cluster = (spent, lookahead_j)
         if forecast_due:
-            self._update_forecast(trainer, spent_local, spent_run, spent)
-        if steps % max(1, trainer.log_every_n_steps) == 0:
-            self._log(trainer, spent)
-        would_cross = spent + lookahead_j > self.budget_j
-        decision = trainer.strategy.reduce_boolean_decision(would_cross, all=False)
-        if decision and not (self.action == "warn" and self._warned_exceeded):
-            self._act(trainer, spent, lookahead_j, save=True)
+            self._update_forecast(trainer, check.spent_j)
+        if steps % log_every == 0:
+            self._log(trainer, check.spent_j)
+        decision = trainer.strategy.reduce_boolean_decision(check.would_cross, all=False)
+        if decision:
+            self._act(trainer, check, save=True)
+        elif self.action != "warn" and not self.core.probed:
+            due = self.core.probe_due()
+            if trainer.world_size > 1:  # the trial write is collective: all or none
+                due = trainer.strategy.reduce_boolean_decision(due, all=True)
+            if due:
+                self._trial_checkpoint(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._t_start_s is not None and not trainer.sanity_checking:
-            self._val_start_j = self._spent_run_j(time.monotonic())
+        if self.core.started and not trainer.sanity_checking:
+            self.core.begin("validation")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._val_start_j is not None:
-            # Lightning runs validation once more when a run stops early: keep room for it
-            self._val_j = max(0.0, self._spent_run_j(time.monotonic()) - self._val_start_j)
-            self._val_start_j = None
+        if self.core.started and not trainer.sanity_checking:
+            # Lightning validates once more when a run stops early: its cost is reserved
+            self.core.end("validation")
+
+    # -- reserves that need the Trainer ---------------------------------------------------------
+    def _validation_follows(
+        self, trainer: pl.Trainer, batch_idx: int | None = None, steps_ahead: int = 1
+    ) -> bool:
+        """Whether a validation run follows before the next decision.
+
+        Two cases: Lightning validates once more when a run stops early (only ``stop``
+        waits for it: ``raise`` ends the run at once, ``warn`` keeps going), when
+        validation is enabled and this is a validation epoch; and in any mode, a
+        scheduled validation (``val_check_interval``) falls within the next
+        ``steps_ahead`` batches, before the next check. Before a validation run was
+        measured, each validation batch is bounded by a training step (the batch count is
+        handed to the core here).
+        """
+        try:
+            enabled = bool(trainer.enable_validation)
+        except Exception:  # no fit loop (a Trainer stub) or no data source yet
+            enabled = False
+        every = getattr(trainer, "check_val_every_n_epoch", 1)
+        if not enabled or (every is not None and (trainer.current_epoch + 1) % every != 0):
+            return False
+        scheduled = False
+        interval = getattr(trainer, "val_check_batch", None)
+        if batch_idx is not None and isinstance(interval, int) and interval > 0:
+            # Lightning validates after batch b when (b + 1) % interval == 0
+            scheduled = any((batch_idx + k) % interval == 0 for k in range(1, steps_ahead + 1))
+        if self.action != "stop" and not scheduled:
+            return False
+        batches = getattr(trainer, "num_val_batches", None) or []
+        count = sum(b for b in batches if isinstance(b, (int, float)) and math.isfinite(b))
+        limit = getattr(trainer, "limit_val_batches", None)
+        if not count and isinstance(limit, int) and not isinstance(limit, bool):
+            count = limit  # before the loop knows its batches
+        self.core.set_validation_batches(int(count))
+        return True
+
+    def _trial_checkpoint(self, trainer: pl.Trainer) -> None:
+        """Serialise this run's checkpoint state once to memory and measure what it costs.
+
+        Stopping writes a checkpoint after the decision; its energy must be reserved. The
+        trial serialises what Lightning saves (the model, the optimizers and every other
+        callback's ``state_dict``, which may wait for its own measurements) with
+        ``torch.save`` to memory, without calling any ``on_save_checkpoint`` hook and
+        without touching a file, inside the core's idle probe
+        (:meth:`EnergyBudgetCore.probe`), which also measures the device's power while no
+        training work runs.
+        """
+
+        def write() -> None:
+            state: dict[str, Any] = {"state_dict": trainer.lightning_module.state_dict()}
+            state["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+            state["callbacks"] = [
+                cb.state_dict() for cb in trainer.callbacks if cb is not self  # type: ignore[attr-defined]
+            ]
+            try:  # the strategy's own writer, to memory (fsspec): no file, no hook
+                trainer.strategy.checkpoint_io.save_checkpoint(state, _TRIAL_PATH)
+            except Exception:
+                torch.save(state, io.BytesIO())
+
+        try:
+            self.core.probe(write)
+        except Exception as exc:  # never stop training because of the estimate
+            logger.debug("EnergyBudget could not time a checkpoint write: %s", exc)
+        finally:
+            _remove_trial()
 
     # -- forecast and logging ----------------------------------------------------------
-    def _update_forecast(
-        self, trainer: pl.Trainer, spent_local: float, spent_run: float, spent: float
-    ) -> None:
-        mean_batch_j = self._measured_step_j()
+    def _update_forecast(self, trainer: pl.Trainer, spent: float) -> None:
+        mean_batch_j = self.core.mean_step_j()
         if mean_batch_j is None or mean_batch_j <= 0:
             return
         accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         # the whole job's energy per step: this rank's, scaled by the cluster/rank ratio
+        spent_local = self.core.spent_estimate_j(time.monotonic())
+        spent_run = spent - self.prior_spent_j
         scale = spent_run / spent_local if spent_local > 0 and spent_run > 0 else 1.0
         step_j = mean_batch_j * accumulate * scale
         planned: int | None = None
@@ -477,7 +459,7 @@ class EnergyBudget(Callback):
             logger.info(
                 "EnergyBudget forecast after %d steps: %.4g J per step; the run's %s steps "
                 "need %s; budget %s.",
-                self._tracker.steps,
+                self.core.steps,
                 step_j,
                 planned if planned is not None else "(unbounded)",
                 need,
@@ -500,82 +482,6 @@ class EnergyBudget(Callback):
                     "warn": "training will continue past the budget",
                 }[self.action],
             )
-
-    def _measure_finished_steps(self) -> None:
-        """Energy of each step whose end the measured curve now covers (exact, not predicted)."""
-        if self.meter is None:
-            return
-        while self._predictions and self._predictions[0][0] <= self._measured_until_s:
-            t, predicted_j = self._predictions.popleft()
-            later_j = sum(self.meter.energy_between(t, self._measured_until_s).values())
-            self._under_predicted.append(max(0.0, self._measured_j - later_j - predicted_j))
-        previous: tuple[int, float] | None = None
-        for n, t in self._step_ends:
-            if t > self._measured_until_s:
-                break
-            if n > self._last_measured_step and previous is not None and previous[0] == n - 1:
-                energy = sum(self.meter.energy_between(previous[1], t).values())
-                self._step_energies.append(max(0.0, energy))
-                self._last_measured_step = n
-            previous = (n, t)
-
-    def _next_step_j(self) -> float | None:
-        """A conservative bound on the next step's energy, in joules.
-
-        The largest of the last measured steps, with a 10 % margin (on a busy machine a
-        step can take longer than the typical one); before any step is measured, the
-        largest predicted one.
-        """
-        if len(self._step_energies) >= 2:
-            return max(self._step_energies) * 1.1
-        return self._tracker.next_step_j
-
-    def _validation_reserve_j(self, trainer: pl.Trainer) -> float:
-        """Room for the validation run that follows a stop, only when one will follow.
-
-        ``raise`` ends the run at once and ``warn`` keeps going, so only ``stop`` needs
-        it, and only when Lightning validates in this epoch (it validates once more when
-        a run stops early). Before a validation run was measured, each validation batch
-        is bounded by a training step.
-        """
-        if self.action != "stop":
-            return 0.0
-        try:
-            enabled = bool(trainer.enable_validation)
-        except Exception:  # no fit loop (a Trainer stub) or no data source yet
-            enabled = False
-        every = getattr(trainer, "check_val_every_n_epoch", 1)
-        if not enabled or (every is not None and (trainer.current_epoch + 1) % every != 0):
-            return 0.0
-        if self._val_j > 0:
-            return self._val_j * 1.1
-        batches = getattr(trainer, "num_val_batches", None) or []
-        count = sum(b for b in batches if isinstance(b, (int, float)) and math.isfinite(b))
-        return count * (self._next_step_j() or 0.0)
-
-    def _checkpoint_reserve_j(self) -> float:
-        """Room for writing the stop checkpoint (``stop`` and ``raise`` save one).
-
-        The cost measured when this run wrote one (a trial write after the warm-up, see
-        :meth:`_measure_checkpoint_cost`), with a 50 % margin.
-        """
-        if self.action == "warn":
-            return 0.0
-        return self._checkpoint_cost_j * 1.5
-
-    def _measured_step_j(self) -> float | None:
-        """Mean energy per step from the measured curve, after the start-up steps."""
-        if self.meter is None:
-            return None
-        covered = self.meter.latest_time_s()
-        if covered is None:
-            return None
-        # from the end of step 2: the first step and the one-time wait after it are start-up
-        ends = [(n, t) for n, t in self._step_ends if n >= 2 and t <= covered]
-        if len(ends) < 2:
-            return None
-        (n0, t0), (n1, t1) = ends[0], ends[-1]
-        return sum(self.meter.energy_between(t0, t1).values()) / (n1 - n0)
 
     def _log(self, trainer: pl.Trainer, spent: float) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -603,56 +509,15 @@ class EnergyBudget(Callback):
             directory = Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
         return directory / f"energy-budget-step={trainer.global_step}.ckpt"
 
-    def _act(self, trainer: pl.Trainer, spent: float, lookahead_j: float, save: bool) -> None:
-        budget_j = self.budget_j
-        over = spent > budget_j
-        self.exceeded = True
-        if over or lookahead_j > budget_j:
-            logger.warning(
-                "EnergyBudget: %s spent and ~%.4g J needed for the next step, with a "
-                "budget of %s (%s): the budget is smaller than the energy of the first "
-                "steps; raise %s.",
-                self._describe(spent),
-                lookahead_j,
-                self._budget_text(),
-                self._describe(budget_j),
-                "max_kwh" if self.max_kwh is not None else "max_co2e_g",
-            )
-        if self.action == "warn":
-            self._warned_exceeded = True
-            logger.warning(
-                "EnergyBudget: the next step would exceed the budget %s (spent %s); "
-                "action='warn', so training continues past it.",
-                self._budget_text(),
-                self._describe(spent),
-            )
-            return
-        path: str | None = None
-        if save:
+    def _act(self, trainer: pl.Trainer, check: BudgetCheck, save: bool) -> None:
+        def write() -> str:
             target = self._checkpoint_file(trainer)
-            before_j = self._spent_run_j(time.monotonic())
             trainer.save_checkpoint(target)
-            path = str(target)
-            self.checkpoint_path = path
-            # writing the checkpoint is the cost of stopping: say what it was
-            self.checkpoint_energy_j = max(0.0, self._spent_run_j(time.monotonic()) - before_j)
-            self._checkpoint_cost_j = max(self._checkpoint_cost_j, self.checkpoint_energy_j)
-            # the checkpoint's energy is spent too: "spent" stays what a monitor measures
-            self._last_cluster = (spent + self.checkpoint_energy_j, self._last_cluster[1])
-        fits = steps_that_fit(budget_j - spent, lookahead_j) if lookahead_j > 0 else 0
-        message = (
-            f"Energy budget {self._budget_text()} reached: {self._describe(spent)} spent of "
-            f"{self._describe(budget_j)}; the next step (~{lookahead_j:.4g} J) would cross it "
-            f"({fits} more fit)."
-        )
-        if path is not None:
-            message += (
-                f" Checkpoint saved to {path} (writing it used ~{self.checkpoint_energy_j:.3g} J "
-                "on this process); resume with a larger budget to continue."
-            )
-        if self.action == "raise":
-            raise BudgetExceeded(message, spent, budget_j, path)
-        logger.warning("EnergyBudget: %s Stopping.", message)
+            return str(target)
+
+        self.core.enforce(check, save=write if save else None)  # raises for "raise"
+        if self.action != "stop":
+            return
         trainer.should_stop = True
         if not can_stop_early(trainer):
             logger.warning(
@@ -661,45 +526,24 @@ class EnergyBudget(Callback):
                 "action='raise'."
             )
 
-    @property
-    def spent_j(self) -> float:
-        """Energy counted so far (all ranks at the last check, plus earlier runs), in joules."""
-        return max(self._last_cluster[0], self.prior_spent_j)
-
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Energy spent so far by all ranks (plus earlier runs), so a resume keeps counting."""
-        local = 0.0
-        if self._t_start_s is not None:
-            # measured energy only (no predicted tail, no validation estimate): wait at most
-            # one counter period until the curves cover now, so a resume counts what was spent
-            now = time.monotonic()
-            if self.meter is not None:
-                self.meter.wait_until_covered(now, timeout_s=0.5)
-            self._spent_run_j(now)
-            local = self._measured_j
-        step_j = self._next_step_j() or 0.0
+        """Energy spent so far by all ranks (plus earlier runs), so a resume keeps counting.
+
+        Measured energy only; see :meth:`EnergyBudgetCore.state_dict`.
+        """
         dist = torch.distributed
+        reduce_sum: ReduceSum | None = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            tensor = torch.tensor([local, step_j], dtype=torch.float64)
-            if dist.get_backend() == "nccl":
-                tensor = tensor.cuda()
-            dist.all_reduce(tensor)
-            local, step_j = (float(v) for v in tensor.cpu().tolist())
-        # what the last check looked ahead (next steps, validation, measurement margin;
-        # already summed over ranks), so a resume makes the same decision before a step
-        return {
-            "version": _STATE_VERSION,
-            "spent_j": self.prior_spent_j + local,
-            "step_j": max(step_j, self._last_cluster[1]),
-            "budget_j": self.budget_j,
-        }
+
+            def reduce_sum(values: Any) -> list[float]:
+                tensor = torch.tensor(list(values), dtype=torch.float64)
+                if dist.get_backend() == "nccl":
+                    tensor = tensor.cuda()
+                dist.all_reduce(tensor)
+                return [float(v) for v in tensor.cpu().tolist()]
+
+        return self.core.state_dict(reduce_sum)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != _STATE_VERSION or "spent_j" not in state_dict:
-            raise ValueError(
-                "The checkpoint's EnergyBudget state is not in a known format; start a new "
-                "run or remove the callback state from the checkpoint."
-            )
-        self.prior_spent_j = float(state_dict["spent_j"])
-        self._prior_step_j = float(state_dict.get("step_j", 0.0))
+        self.core.load_state_dict(state_dict)

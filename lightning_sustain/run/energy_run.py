@@ -343,6 +343,116 @@ class EnergyRun:
         logger.info("EnergyRun measuring: %s", labels or "nothing")
         return self
 
+    # -- energy budget (its logic: lightning_sustain/budget/energy_budget.py) --------------
+    # (kept in this one block: attach_budget / should_stop; nothing else in EnergyRun knows
+    # about budgets, and the hot path (step) is untouched)
+    def attach_budget(
+        self,
+        budget: Any,
+        *,
+        action: str = "stop",
+        save_checkpoint: Any = None,
+        trial_checkpoint: Any = None,
+        check_every_n_steps: int | None = None,
+    ) -> Any:
+        """Enforce an energy budget on this run (Fabric and plain loops).
+
+        The Trainer has :class:`~lightning_sustain.EnergyBudget` for this. Call
+        :meth:`should_stop` after each :meth:`step` of the ``fit`` stage::
+
+            run = EnergyRun("out")
+            budget = run.attach_budget(50_000.0, save_checkpoint=lambda: save("last.ckpt"))
+            with run:
+                for batch in loader:
+                    ...; run.step(samples=len(batch))
+                    if run.should_stop():   # checkpoint written, budget not crossed
+                        break
+
+        Args:
+            budget: the budget in joules (all ranks and resumes together), or an
+                :class:`~lightning_sustain.budget.energy_budget.EnergyBudgetCore`.
+            action: ``"stop"`` (:meth:`should_stop` returns True), ``"raise"``
+                (:class:`~lightning_sustain.BudgetExceeded` after the checkpoint) or
+                ``"warn"`` (a warning, once; training goes on).
+            save_checkpoint: writes the stop checkpoint and returns its path (its energy
+                is counted); None writes none.
+            trial_checkpoint: serialises the same state to memory (no file); timed once
+                after the start-up steps to reserve the checkpoint's energy. None reserves
+                a fifth of a step until the real one was measured.
+            check_every_n_steps: steps between checks (None: every step on one process,
+                every ``log_every_n_steps`` under ``torch.distributed``: a check is a
+                small all-reduce there, and every rank must call :meth:`should_stop`).
+
+        Returns:
+            The budget's core (its ``spent_j``, ``last_check``, ``state_dict`` for resume).
+        """
+        from lightning_sustain.budget.energy_budget import EnergyBudgetCore
+
+        core = budget if isinstance(budget, EnergyBudgetCore) else EnergyBudgetCore(
+            budget, action  # type: ignore[arg-type]
+        )
+        core.save_checkpoint = save_checkpoint
+        core.trial_checkpoint = trial_checkpoint
+        every = check_every_n_steps
+        if every is None:
+            world = self.ranks.world_size if self.ranks else RankInfo.detect().world_size
+            every = 1 if world <= 1 else self.log_every_n_steps
+        self._budget = core
+        self._budget_every = int(validate_positive_int("check_every_n_steps", every))
+        return core
+
+    def should_stop(self, validation_follows: bool = False) -> bool:
+        """After a training step: can the attached budget not afford another one?
+
+        Measures the step's end, checks the budget (every ``check_every_n_steps``) and
+        acts: ``stop`` writes the checkpoint and returns True, ``raise`` writes it and
+        raises, ``warn`` warns once and returns False. Without a budget, or outside the
+        ``fit`` stage: False.
+
+        Args:
+            validation_follows: the loop validates after stopping: reserve it. Tell the
+                budget what a validation run costs by calling ``core.begin("validation")``
+                / ``core.end("validation")`` around the loop's validation (before one was
+                measured, each of ``core.set_validation_batches(n)`` batches is bounded
+                by a training step).
+
+        Raises:
+            BudgetExceeded: ``action="raise"`` and the budget cannot afford another step.
+        """
+        core = getattr(self, "_budget", None)
+        if core is None or self._stage != "fit" or self.meter is None:
+            return False
+        now = time.monotonic()
+        if core.meter is not self.meter:
+            if core.started:  # the devices were reopened (a later fit): keep counting
+                core.prior_spent_j = core.spent_j
+            core.start(self.meter, now_s=self._stage_t0_s)
+        steps = core.step_end(now)
+        if steps % self._budget_every:
+            return False
+        sync = self.sync and process_group_ready()
+
+        def reduce_sum(values: Sequence[float]) -> list[float]:
+            summed = all_reduce_sum({str(i): float(v) for i, v in enumerate(values)})
+            return [summed[str(i)] for i in range(len(values))]
+
+        check = core.check(
+            now,
+            steps_ahead=self._budget_every,
+            validation_follows=validation_follows,
+            reduce_sum=reduce_sum if sync else None,
+        )
+        if check.would_cross:
+            core.enforce(check, save=core.save_checkpoint)  # raises for "raise"
+            return core.action == "stop"
+        if not core.probed and core.action != "warn":
+            due = core.probe_due()
+            if sync:
+                due = reduce_sum([1.0 if due else 0.0])[0] >= self.ranks.world_size  # type: ignore[union-attr]
+            if due:
+                core.probe(core.trial_checkpoint)
+        return False
+
     # -- pickling (ddp_spawn pickles the Trainer's callbacks into each rank) --------------
     _LIVE_FIELDS = (
         "_resolver", "meter", "accountant", "_cuda_clock", "_trace_writer", "_pending_cuda",
