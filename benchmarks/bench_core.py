@@ -456,14 +456,15 @@ def print_process_table(out: dict) -> None:
 def frontend_profiles() -> list:
     from lightning_sustain.testing import PowerProfile
 
-    # "load": power follows the simulated work (busy 12 ms of each 20 ms step, idle else);
+    # "load": power follows the simulated work (busy part of each step, idle else);
     # the others follow wall time whatever the loop does
     return [None, PowerProfile.constant(300.0),
             PowerProfile.square(1.0, low_w=80.0, high_w=400.0)]  # fmt: skip
 
 
-def bench_frontends(steps: int = 100, step_s: float = 0.02, busy_s: float = 0.012,
-                    repeats: int = 2) -> dict:  # fmt: skip
+def bench_frontends(
+    steps: int = 125, step_s: float = 0.04, busy_s: float = 0.02, repeats: int = 2
+) -> dict:
     """Trainer vs Fabric vs plain loop: same deadline-paced workload, several profiles.
 
     ``steps * step_s`` is a whole number of the square wave's periods, so the energy of
@@ -475,7 +476,11 @@ def bench_frontends(steps: int = 100, step_s: float = 0.02, busy_s: float = 0.01
     rows: dict = {"load_before": load(), "steps": steps, "step_s": step_s}
     try:
         for profile in frontend_profiles():
-            name = "load (busy 12 ms / 20 ms step)" if profile is None else profile.name
+            name = (
+                f"load (busy {busy_s * 1e3:.0f} ms of each step)"
+                if profile is None
+                else profile.name
+            )
             if profile is not None:
                 sim.set_power_profile(0, profile)
             per: dict[str, dict[str, list[float]]] = {}
@@ -491,6 +496,8 @@ def bench_frontends(steps: int = 100, step_s: float = 0.02, busy_s: float = 0.01
                         ("train_energy_j", train_j),
                         ("train_over_truth", train_j / got.pace.steps_truth_j),
                         ("j_per_sample", train_j / t["samples"]),
+                        ("steps_duration_s", got.pace.steps_duration_s),
+                        ("truth_steps_energy_j", got.pace.steps_truth_j),
                         ("total_over_truth", t["energy_j"] / got.run_truth_j),
                         ("total_energy_j", t["energy_j"]),
                     ):
@@ -498,7 +505,8 @@ def bench_frontends(steps: int = 100, step_s: float = 0.02, busy_s: float = 0.01
             if profile is not None:
                 sim.set_power_profile(0, None)
             block: dict = {loop: {k: spread(v) for k, v in r.items()} for loop, r in per.items()}
-            for key in ("train_energy_j", "j_per_sample", "total_energy_j"):
+            for key in ("train_energy_j", "j_per_sample", "total_energy_j",
+                        "truth_steps_energy_j", "steps_duration_s"):  # fmt: skip
                 meds = [per[loop][key] for loop in PACED_LOOPS]
                 med = [statistics.median(v) for v in meds]
                 block[f"max_pairwise_{key}_difference_pct"] = round(
@@ -518,10 +526,10 @@ def print_frontends_table(rows: dict) -> None:
         f"{rows['step_s'] * 1e3:.0f} ms, load {rows['load_before']} -> {rows['load_after']}"
     )
     print(
-        "| profile | loop | steps energy / truth (same boundaries) | J per sample | "
-        "run total / truth (own window) |"
+        "| profile | loop | steps energy / truth (same boundaries) | steps energy J | "
+        "truth J | steps wall s | J per sample | run total / truth (own window) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, block in rows.items():
         if not isinstance(block, dict) or "trainer" not in block:
             continue
@@ -529,11 +537,15 @@ def print_frontends_table(rows: dict) -> None:
             b = block[loop]
             print(
                 f"| {name} | {loop} | {b['train_over_truth']['median']} | "
-                f"{b['j_per_sample']['median']} | {b['total_over_truth']['median']} |"
+                f"{b['train_energy_j']['median']} | {b['truth_steps_energy_j']['median']} | "
+                f"{b['steps_duration_s']['median']} | {b['j_per_sample']['median']} | "
+                f"{b['total_over_truth']['median']} |"
             )
         print(
-            f"| {name} | max difference between loops | "
-            f"steps energy {block['max_pairwise_train_energy_j_difference_pct']} % | "
+            f"| {name} | max difference between loops | - | "
+            f"{block['max_pairwise_train_energy_j_difference_pct']} % | "
+            f"{block['max_pairwise_truth_steps_energy_j_difference_pct']} % | "
+            f"{block['max_pairwise_steps_duration_s_difference_pct']} % | "
             f"{block['max_pairwise_j_per_sample_difference_pct']} % | "
             f"run totals {block['max_pairwise_total_energy_j_difference_pct']} % |"
         )
