@@ -140,6 +140,9 @@ class EnergyAccountant:
             points (plain interpolation where none does clearly better); False: plain
             interpolation always. Energy never moves between update intervals.
         attribution_lookback_s: seconds of recent curve the choice is made on.
+        choice_refresh_s: a device's choice is made again once this much curve time has
+            passed since the last one (batches resolved sooner reuse it: the choice looks
+            at ``attribution_lookback_s`` of curve, which hardly changes meanwhile).
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class EnergyAccountant:
         max_pending: int = 4096,
         attribute_short_steps: bool = True,
         attribution_lookback_s: float = 10.0,
+        choice_refresh_s: float = 0.5,
     ) -> None:
         self.meter = meter
         self.on_steps = on_steps
@@ -156,6 +160,8 @@ class EnergyAccountant:
         self.attribute_short_steps = attribute_short_steps
         self._attribution: dict[str, StepAttribution] = {}
         self.attribution_lookback_s = attribution_lookback_s
+        self.choice_refresh_s = choice_refresh_s
+        self._choice_made_at: dict[str, float] = {}
         self._recent_starts = np.zeros(0)
         self._recent_ends = np.zeros(0)
         #: the reconstruction chosen at the last resolve, per device (diagnostics)
@@ -365,9 +371,21 @@ class EnergyAccountant:
             span_t, span_e = stream.points_between(float(starts[0]), float(ends[-1]))
             model.update(np.column_stack((starts, ends)), span_t, span_e)
             affine = (model.fixed_j, model.power_w) if model.fitted else None
+            method = "auto"
+            previous = self.last_choice.get(device_id)
+            made_at = self._choice_made_at.get(device_id)
+            if (
+                previous is not None
+                and made_at is not None
+                and float(ends[-1]) - made_at < self.choice_refresh_s
+                and (previous.method != "affine" or affine is not None)
+            ):
+                method = previous.method
             values, choice = attribute_steps(
-                times, energies, starts, ends, affine=affine, context_steps=context
+                times, energies, starts, ends, method=method, affine=affine, context_steps=context
             )
-            self.last_choice[device_id] = choice
+            if method == "auto":
+                self.last_choice[device_id] = choice
+                self._choice_made_at[device_id] = float(ends[-1])
             if choice.method != "plain":
                 per_step[device_id] = np.asarray(values, dtype=float)

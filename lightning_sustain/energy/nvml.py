@@ -209,9 +209,12 @@ def nvml_index_for_uuid(uuid: str) -> int:
     return matches[0]
 
 
-#: How often the Python sampler drains a native poller's records, in seconds (about one
-#: counter update period; the records keep the native thread's timestamps).
+#: How often the Python sampler drains a native poller's records while the counter's
+#: update period is not known yet, in seconds (the records keep the native thread's
+#: timestamps); once it is known, the sampler wakes once per update, just after it.
 NATIVE_DRAIN_INTERVAL_S = 0.1
+#: How long after an expected counter update the sampler collects it, in seconds.
+NATIVE_DRAIN_MARGIN_S = 0.005
 
 
 class NvmlGpu(EnergyDevice):
@@ -531,13 +534,29 @@ class NvmlGpu(EnergyDevice):
         polls every ``interval_s`` until it comes, so each update is still timestamped
         within ``interval_s / 2`` while the sampler wakes about three times less often.
         """
-        if self._poller is not None or self._mode != "counter" or len(self._update_periods) < 3:
+        if self._poller is not None:
+            return self._next_drain_s(now_s, interval_s)
+        if self._mode != "counter" or len(self._update_periods) < 3:
             return now_s + interval_s
         period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
         if period_s < 4 * interval_s:
             return now_s + interval_s
         expected_s = self._last_change_s + period_s
         return max(now_s + interval_s, expected_s - 1.5 * interval_s)
+
+    def _next_drain_s(self, now_s: float, interval_s: float) -> float:
+        """With a native poller: wake the sampler just after each expected counter update.
+
+        The native thread stamps each update; Python only has to collect it, once per
+        update and soon after it (so figures read live, e.g. by a budget, stay fresh).
+        """
+        if len(self._update_periods) < 3:
+            return now_s + min(interval_s, NATIVE_DRAIN_INTERVAL_S)
+        period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
+        due_s = self._last_change_s + period_s + NATIVE_DRAIN_MARGIN_S
+        if due_s <= now_s:  # the expected update has not come yet: look again soon
+            return now_s + NATIVE_DRAIN_MARGIN_S
+        return min(due_s, now_s + max(interval_s, period_s))
 
     def _integrate(self, now: float, power_w: float) -> EnergyReading:
         if self._last_poll_s is not None and self._last_power_w is not None:

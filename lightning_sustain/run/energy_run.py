@@ -103,6 +103,8 @@ METRIC_PREFIX = "energy/"
 #: Keys shown in a progress bar (a subset of the logged keys, same names).
 PROGRESS_BAR_KEYS = (f"{METRIC_PREFIX}power_w", f"{METRIC_PREFIX}energy_kwh")
 STATE_VERSION = 2
+#: A log interval wakes the resolver only when its last run is at least this old, seconds.
+LOG_REFRESH_S = 0.1
 
 
 class _CudaClock:
@@ -814,9 +816,11 @@ class EnergyRun:
             }
             self._window_energy_j = self._window_duration_s = 0.0
             self._window_steps = self._window_samples = self._window_tokens = 0
-        # no wake-up of the resolver here: it resolves in batches every resolve_interval_s
-        # (waking it at every log interval made it run ~15 times a second at short steps,
-        # each run paying the attribution's fixed cost)
+        # Wake the resolver so the next interval's figures are fresh, at most every
+        # LOG_REFRESH_S: waking it at every log interval made it run ~15 times a second at
+        # short steps (its per-run cost is fixed: curve queries, the attribution's choice)
+        if time.monotonic() - self._last_resolve_s >= LOG_REFRESH_S:
+            self._wake_resolver.set()
         do_sync = self.sync if sync is None else sync
         cluster = all_reduce_sum(local) if do_sync else local
         train_j = cluster["train_energy_j"] + self._prior_energy("train")
