@@ -104,7 +104,7 @@ METRIC_PREFIX = "energy/"
 PROGRESS_BAR_KEYS = (f"{METRIC_PREFIX}power_w", f"{METRIC_PREFIX}energy_kwh")
 STATE_VERSION = 2
 #: A log interval wakes the resolver only when its last run is at least this old, seconds.
-LOG_REFRESH_S = 0.1
+LOG_REFRESH_S = 0.25
 
 
 class _CudaClock:
