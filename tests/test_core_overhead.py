@@ -111,6 +111,7 @@ def test_python_sampler_drains_the_native_poller_once_per_counter_update(
     run = EnergyRun(None, cpu="none", ranks=RankInfo(), sync=False)
     run.start_stage("fit")
     assert run.meter.streams[0].device.native  # gcc is there: the native thread polls
+    time.sleep(0.5)  # the first updates teach the period (drained every 20 ms meanwhile)
     counts.clear()
     t0 = time.monotonic()
     time.sleep(1.5)

@@ -210,9 +210,10 @@ def nvml_index_for_uuid(uuid: str) -> int:
 
 
 #: How often the Python sampler drains a native poller's records while the counter's
-#: update period is not known yet, in seconds (the records keep the native thread's
-#: timestamps); once it is known, the sampler wakes once per update, just after it.
-NATIVE_DRAIN_INTERVAL_S = 0.1
+#: update period is not known yet (the first few updates), in seconds; once it is known,
+#: the sampler wakes once per update, just after it. Live readers (budgets) see each
+#: update within this long either way.
+NATIVE_DRAIN_INTERVAL_S = 0.02
 #: How long after an expected counter update the sampler collects it, in seconds.
 NATIVE_DRAIN_MARGIN_S = 0.005
 
