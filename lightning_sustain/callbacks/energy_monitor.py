@@ -210,6 +210,7 @@ class EnergyMonitor(Callback):
         self._batch_offset = 0
         self._steps_seen = 0
         self._trainer: pl.Trainer | None = None
+        self._state_key_cache: tuple[Any, str] | None = None
 
     # -- compatibility names ------------------------------------------------------------
     @property
@@ -244,8 +245,18 @@ class EnergyMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        # "gpus" kept in the key so checkpoints written before the rename still load
-        return self._generate_state_key(gpus=self.nvml_devices, cpu=self.cpu)
+        # Lightning formats every callback's state_key for each hook it calls (several per
+        # training step): built once per setting, not per call (~1.6 us each)
+        basis = (
+            tuple(self.nvml_devices) if isinstance(self.nvml_devices, list) else self.nvml_devices,
+            self.cpu,
+        )
+        cached = self._state_key_cache
+        if cached is None or cached[0] != basis:
+            # "gpus" kept in the key so checkpoints written before the rename still load
+            cached = (basis, self._generate_state_key(gpus=self.nvml_devices, cpu=self.cpu))
+            self._state_key_cache = cached
+        return cached[1]
 
     # -- set-up and tear-down ----------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

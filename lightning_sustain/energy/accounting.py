@@ -7,7 +7,6 @@ curves at the recorded boundaries for every step whose end the curves already co
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -22,9 +21,11 @@ from lightning_sustain.energy.meter import EnergyMeter
 logger = logging.getLogger(__name__)
 
 PHASES = ("train", "validation", "test", "predict", "fit", "explain")
+#: Most recent step boundaries kept as the attribution's context.
+_RECENT_STEPS = 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class StepEnergy:
     """Energy of one training step.
 
@@ -139,6 +140,9 @@ class EnergyAccountant:
             points (plain interpolation where none does clearly better); False: plain
             interpolation always. Energy never moves between update intervals.
         attribution_lookback_s: seconds of recent curve the choice is made on.
+        choice_refresh_s: a device's choice is made again once this much curve time has
+            passed since the last one (batches resolved sooner reuse it: the choice looks
+            at ``attribution_lookback_s`` of curve, which hardly changes meanwhile).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class EnergyAccountant:
         max_pending: int = 4096,
         attribute_short_steps: bool = True,
         attribution_lookback_s: float = 10.0,
+        choice_refresh_s: float = 0.5,
     ) -> None:
         self.meter = meter
         self.on_steps = on_steps
@@ -155,7 +160,10 @@ class EnergyAccountant:
         self.attribute_short_steps = attribute_short_steps
         self._attribution: dict[str, StepAttribution] = {}
         self.attribution_lookback_s = attribution_lookback_s
-        self._recent_steps: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
+        self.choice_refresh_s = choice_refresh_s
+        self._choice_made_at: dict[str, float] = {}
+        self._recent_starts = np.zeros(0)
+        self._recent_ends = np.zeros(0)
         #: the reconstruction chosen at the last resolve, per device (diagnostics)
         self.last_choice: dict[str, Choice] = {}
         self.totals: dict[str, PhaseTotals] = empty_totals()
@@ -300,32 +308,39 @@ class EnergyAccountant:
         return resolved, steps, marks, still_pending
 
     def _resolve_steps(self, ready: list[tuple[int, int, float, float, int]]) -> list[StepEnergy]:
+        """Energy of a batch of steps, computed per batch with arrays (no per-step numpy)."""
         if not ready:
             return []
-        times: list[float] = []
-        for _step, _epoch, start_s, end_s, _samples in ready:
-            times.extend((start_s, end_s))
-        curves = self.meter.energy_at(times)
-        per_step: dict[str, list[float]] = {
-            device_id: [values[2 * k + 1] - values[2 * k] for k in range(len(ready))]
-            for device_id, values in curves.items()
-        }
+        n = len(ready)
+        steps_col, epochs_col, starts_col, ends_col, samples_col = zip(*ready, strict=True)
+        starts = np.fromiter(starts_col, float, n)
+        ends = np.fromiter(ends_col, float, n)
+        times = np.empty(2 * n)
+        times[0::2], times[1::2] = starts, ends
+        per_step: dict[str, np.ndarray] = {}
+        for stream in self.meter.streams:
+            values = stream.energy_at_array(times)
+            per_step[stream.info.device_id] = values[1::2] - values[0::2]
         if self.attribute_short_steps:
-            self._attribute(ready, per_step)
+            self._attribute(starts, ends, per_step)
         train = self.totals["train"]
-        resolved: list[StepEnergy] = []
-        for k, (step, epoch, start_s, end_s, samples) in enumerate(ready):
-            per_device = {device_id: values[k] for device_id, values in per_step.items()}
-            energy_j = float(sum(per_device.values()))
-            resolved.append(StepEnergy(step, epoch, start_s, end_s, energy_j, per_device, samples))
-            train.add_energy(per_device)
-            train.duration_s += end_s - start_s
-            train.steps += 1
-            train.samples += samples
-        return resolved
+        train.add_energy({d: float(v.sum()) for d, v in per_step.items()})
+        train.duration_s += float((ends - starts).sum())
+        train.steps += n
+        train.samples += sum(samples_col)
+        ids = list(per_step)
+        columns = [per_step[d].tolist() for d in ids]
+        totals = np.sum(list(per_step.values()), axis=0).tolist() if ids else [0.0] * n
+        if len(ids) == 1:
+            only = ids[0]
+            per_device = [{only: v} for v in columns[0]]
+        else:
+            per_device = [dict(zip(ids, row, strict=True)) for row in zip(*columns, strict=True)]
+        return list(map(StepEnergy, steps_col, epochs_col, starts_col, ends_col, totals,
+                        per_device, samples_col))  # fmt: skip
 
     def _attribute(
-        self, ready: list[tuple[int, int, float, float, int]], per_step: dict[str, list[float]]
+        self, starts: np.ndarray, ends: np.ndarray, per_step: dict[str, np.ndarray]
     ) -> None:
         """Re-split each counter update's energy among the steps overlapping it.
 
@@ -334,12 +349,17 @@ class EnergyAccountant:
         held-out counter points of the recent curve better; energy never leaves its update
         interval, so per-step figures stay consistent with the counter's totals.
         """
-        starts = np.fromiter((r[2] for r in ready), float, len(ready))
-        ends = np.fromiter((r[3] for r in ready), float, len(ready))
-        self._recent_steps.extend(zip(starts.tolist(), ends.tolist(), strict=True))
         lookback_t0 = float(starts[0]) - self.attribution_lookback_s
-        recent = [b for b in self._recent_steps if b[1] >= lookback_t0]
-        context = (np.array([b[0] for b in recent]), np.array([b[1] for b in recent]))
+        # the recent steps (the affine density's context), kept as arrays, trimmed to the
+        # lookback and to at most `_RECENT_STEPS` steps
+        rs = np.concatenate((self._recent_starts, starts))
+        re_ = np.concatenate((self._recent_ends, ends))
+        keep = re_ >= lookback_t0
+        if keep.size and not keep[0] or rs.size > _RECENT_STEPS:
+            first = max(int(np.argmax(keep)) if keep.any() else rs.size, rs.size - _RECENT_STEPS)
+            rs, re_ = rs[first:], re_[first:]
+        self._recent_starts, self._recent_ends = rs, re_
+        context = (rs, re_)
         for stream in self.meter.streams:
             device_id = stream.info.device_id
             if device_id not in per_step or stream.failure is not None:
@@ -349,11 +369,23 @@ class EnergyAccountant:
                 continue
             model = self._attribution.setdefault(device_id, StepAttribution())
             span_t, span_e = stream.points_between(float(starts[0]), float(ends[-1]))
-            model.update(list(zip(starts, ends, strict=True)), span_t, span_e)
+            model.update(np.column_stack((starts, ends)), span_t, span_e)
             affine = (model.fixed_j, model.power_w) if model.fitted else None
+            method = "auto"
+            previous = self.last_choice.get(device_id)
+            made_at = self._choice_made_at.get(device_id)
+            if (
+                previous is not None
+                and made_at is not None
+                and float(ends[-1]) - made_at < self.choice_refresh_s
+                and (previous.method != "affine" or affine is not None)
+            ):
+                method = previous.method
             values, choice = attribute_steps(
-                times, energies, starts, ends, affine=affine, context_steps=context
+                times, energies, starts, ends, method=method, affine=affine, context_steps=context
             )
-            self.last_choice[device_id] = choice
+            if method == "auto":
+                self.last_choice[device_id] = choice
+                self._choice_made_at[device_id] = float(ends[-1])
             if choice.method != "plain":
-                per_step[device_id] = [float(v) for v in values]
+                per_step[device_id] = np.asarray(values, dtype=float)

@@ -77,7 +77,7 @@ class StepAttribution:
             counter_times_s: times of the counter updates around those steps.
             counter_energies_j: the cumulative energy at each update.
         """
-        if len(counter_times_s) < 2 or not step_bounds:
+        if len(counter_times_s) < 2 or len(step_bounds) == 0:
             return
         bounds = np.asarray(step_bounds, dtype=float)
         starts, ends = bounds[:, 0], bounds[:, 1]

@@ -12,13 +12,18 @@
  * (ctypes releases the GIL for the call).
  *
  * Polling: every interval_s until the counter's update period is known; then it sleeps
- * until guard_s before the next expected update and polls every interval_s until the
- * update comes, so each update is stamped within interval_s / 2 at a few hundred polls
- * per second at most.
+ * until a guard before the next expected update and polls every interval_s until the
+ * update comes, so each update is stamped within interval_s / 2. The guard adapts: it
+ * starts at a tenth of the period, shrinks towards guard_s while updates come after the
+ * first poll of a window (a hit), and doubles, up to a tenth of the period (the former
+ * fixed guard), when the first poll already sees the update (a miss: the wake-up came
+ * late or the period drifted). A regular counter then costs guard_s / interval_s + 1
+ * polls per update. Wake-ups that only check for stop (every 50 ms) do not call NVML.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,6 +104,9 @@ static void *run(void *arg) {
     double periods[9];
     int n_periods = 0, next_period = 0;
     int have_value = 0;
+    double guard = -1.0;    /* adaptive guard (s); < 0 until the period is known */
+    double period_est = -1; /* median update period (s); < 0 until known */
+    int window_polls = 0;   /* polls since the last change (0: next poll opens a window) */
     double next = now_s();
     while (!p->stop) {
         int rc = p->fn(p->device, &value);
@@ -108,18 +116,35 @@ static void *run(void *arg) {
             p->error = rc;
             break;
         }
+        window_polls++;
         if (!have_value) {
             push(p, -1.0, t, value);
             have_value = 1;
         } else if (value != last) {
             push(p, last_poll, t, value);
             double stamp = 0.5 * (last_poll + t);
-            if (last_change >= 0 && t - last_poll <= 2.5 * p->interval_s) {
+            int tight = t - last_poll <= 2.5 * p->interval_s;
+            if (!tight && period_est > 0 && last_change >= 0) {
+                /* a wide bracket (a late wake-up): keep the schedule on the counter's grid,
+                 * the first grid time after the poll before, if it lies in the bracket */
+                double k = ceil((last_poll - last_change) / period_est);
+                double grid = last_change + k * period_est;
+                if (grid <= t) stamp = grid;
+            }
+            if (last_change >= 0 && tight) {
                 periods[next_period] = stamp - last_change;
                 next_period = (next_period + 1) % 9;
                 if (n_periods < 9) n_periods++;
             }
+            if (guard > 0) {
+                if (window_polls <= 1 || !tight) {  /* the first poll already saw it: miss */
+                    guard = 2.0 * guard + p->interval_s;
+                } else {
+                    guard *= 0.8;
+                }
+            }
             last_change = stamp;
+            window_polls = 0;
         }
         last = value;
         last_poll = t;
@@ -130,14 +155,27 @@ static void *run(void *arg) {
             memcpy(sorted, periods, sizeof(double) * (size_t)n_periods);
             qsort(sorted, (size_t)n_periods, sizeof(double), cmp_double);
             double period = sorted[n_periods / 2];
-            double guard = p->guard_s > 0.1 * period ? p->guard_s : 0.1 * period;
+            period_est = period;
+            /* a late wake-up (the thread was not scheduled in time) is not helped by a
+             * longer guard, a drifting period is: never more than a tenth of the period
+             * (the former fixed guard), never less than guard_s */
+            if (guard < 0 || guard > 0.1 * period) guard = 0.1 * period;
+            if (guard < p->guard_s) guard = p->guard_s;
             double expected = last_change + period;
-            if (period > 4 * p->interval_s && expected - guard > next) next = expected - guard;
+            if (period > 4 * p->interval_s && expected - guard > next && window_polls == 0) {
+                next = expected - guard;
+            }
         }
-        /* never sleep long, so stop is seen within 50 ms */
-        double t_now = now_s();
-        if (next > t_now + 0.05) next = t_now + 0.05;
-        sleep_until(next);
+        /* sleep until the next poll, waking at least every 50 ms to see stop (no NVML
+         * call on those wake-ups) */
+        while (!p->stop) {
+            double t_now = now_s();
+            if (next <= t_now + 0.05) {
+                sleep_until(next);
+                break;
+            }
+            sleep_until(t_now + 0.05);
+        }
     }
     p->cpu_s = thread_cpu_s();
     return NULL;

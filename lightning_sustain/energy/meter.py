@@ -143,19 +143,23 @@ class DeviceStream:
         get the last value (ask only up to :attr:`latest_time_s` for exact answers).
         """
         query = np.asarray(times_s if isinstance(times_s, (list, tuple)) else list(times_s))
+        return self.energy_at_array(query).tolist()
+
+    def energy_at_array(self, query: np.ndarray) -> np.ndarray:
+        """:meth:`energy_at` for an array of times, as an array (no per-element Python)."""
         if query.size == 0:
-            return []
+            return np.zeros(0)
         lo_t, hi_t = float(query.min()), float(query.max())
         with self._lock:
             ts, es = self._times_s, self._energies_j
             if not ts:
-                return [0.0] * int(query.size)
+                return np.zeros(query.size)
             # only the part of the curve the query needs (plus one point each side)
             lo = max(0, bisect.bisect_left(ts, lo_t) - 1)
             hi = min(len(ts), bisect.bisect_right(ts, hi_t) + 1)
             t_part, e_part = ts[lo:hi], es[lo:hi]
         # np.interp clamps outside the range: the first/last values, as documented
-        return np.interp(query, t_part, e_part).tolist()
+        return np.interp(query, t_part, e_part)
 
     def points_between(
         self, t0_s: float, t1_s: float, context: int = 1

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("counter_poller.c")
 _LIBRARY_NAME = "liblsp_counter_poller.so"
 _CFLAGS = ("-O2", "-shared", "-fPIC")
-_LIBS = ("-lpthread", "-ldl")
+_LIBS = ("-lpthread", "-ldl", "-lm")
 #: Environment variable that turns the native poller off (``0``) for comparison runs.
 NATIVE_ENV_VAR = "LIGHTNING_SUSTAIN_NATIVE_POLLER"
 

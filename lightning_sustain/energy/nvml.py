@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from lightning_sustain.energy.device import EnergyDevice
 from lightning_sustain.energy.errors import (
     DeviceUnavailableError,
@@ -211,6 +209,15 @@ def nvml_index_for_uuid(uuid: str) -> int:
     return matches[0]
 
 
+#: How often the Python sampler drains a native poller's records while the counter's
+#: update period is not known yet (the first few updates), in seconds; once it is known,
+#: the sampler wakes once per update, just after it. Live readers (budgets) see each
+#: update within this long either way.
+NATIVE_DRAIN_INTERVAL_S = 0.02
+#: How long after an expected counter update the sampler collects it, in seconds.
+NATIVE_DRAIN_MARGIN_S = 0.005
+
+
 class NvmlGpu(EnergyDevice):
     """One physical NVIDIA GPU measured through NVML.
 
@@ -295,8 +302,10 @@ class NvmlGpu(EnergyDevice):
                 logger.warning("NVML device %d: native poller failed to start (%s); "
                                "polling from Python", nvml_index, exc)  # fmt: skip
         if self._poller is not None:
-            # Python only drains the native thread's records: no need to wake often
-            self.preferred_interval_s = 0.02
+            # Python only drains the native thread's records (stamped by the native
+            # thread): once per counter update is enough, and each wake-up of a Python
+            # thread costs the training thread a GIL hand-over
+            self.preferred_interval_s = NATIVE_DRAIN_INTERVAL_S
         logger.debug("NVML device %d (%s) measured by %s", nvml_index, name, self._mode)
 
     # -- set-up -----------------------------------------------------------------------
@@ -451,22 +460,38 @@ class NvmlGpu(EnergyDevice):
         self._brackets.append((previous_poll, now))
         if len(self._brackets) < 6:
             return mid
-        lo = np.array([b[0] for b in self._brackets])
-        hi = np.array([b[1] for b in self._brackets])
-        mids, widths = 0.5 * (lo + hi), np.maximum(hi - lo, 2e-4)
-        gaps = np.diff(mids)
-        period0 = float(np.median(gaps))
+        # plain Python over <= 30 brackets: several times cheaper than numpy's per-call
+        # overhead at this size, and it runs on the sampler thread (GIL) per update
+        lo = [b[0] for b in self._brackets]
+        hi = [b[1] for b in self._brackets]
+        mids = [0.5 * (a + b) for a, b in zip(lo, hi, strict=True)]
+        gaps = sorted(b - a for a, b in zip(mids, mids[1:], strict=False))
+        half = len(gaps) // 2
+        period0 = gaps[half] if len(gaps) % 2 else 0.5 * (gaps[half - 1] + gaps[half])
         if period0 <= 0:
             return mid
-        n = np.concatenate(([0.0], np.cumsum(np.maximum(np.round(gaps / period0), 1.0))))
-        w = 1.0 / widths**2
-        design = np.column_stack((np.ones_like(n), n)) * np.sqrt(w)[:, None]
-        (t0, period), *_ = np.linalg.lstsq(design, mids * np.sqrt(w), rcond=None)
-        grid = t0 + n * period
-        miss = np.maximum(lo - grid, grid - hi)
-        if float(miss.max()) > 1e-3:
+        n = [0.0]
+        for a, b in zip(mids, mids[1:], strict=False):
+            n.append(n[-1] + max(float(round((b - a) / period0)), 1.0))
+        # weighted least squares mids ~ t0 + n * period, weight 1 / width^2
+        sw = swn = swnn = swy = swny = 0.0
+        for a, b, k, y in zip(lo, hi, n, mids, strict=True):
+            w = 1.0 / max(b - a, 2e-4) ** 2
+            sw += w
+            swn += w * k
+            swnn += w * k * k
+            swy += w * y
+            swny += w * k * y
+        det = sw * swnn - swn * swn
+        if det <= 0:
             return mid
-        return float(min(max(grid[-1], previous_poll), now))
+        period = (sw * swny - swn * swy) / det
+        t0 = (swy - period * swn) / sw
+        worst = max(max(a - (t0 + k * period), (t0 + k * period) - b)
+                    for a, b, k in zip(lo, hi, n, strict=True))  # fmt: skip
+        if worst > 1e-3:
+            return mid
+        return float(min(max(t0 + n[-1] * period, previous_poll), now))
 
     def _counter_reading(self, now: float, raw_mj: int) -> EnergyReading | None:
         previous_mj, previous_poll = self._last_raw_mj, self._last_poll_s
@@ -510,13 +535,29 @@ class NvmlGpu(EnergyDevice):
         polls every ``interval_s`` until it comes, so each update is still timestamped
         within ``interval_s / 2`` while the sampler wakes about three times less often.
         """
-        if self._poller is not None or self._mode != "counter" or len(self._update_periods) < 3:
+        if self._poller is not None:
+            return self._next_drain_s(now_s, interval_s)
+        if self._mode != "counter" or len(self._update_periods) < 3:
             return now_s + interval_s
         period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
         if period_s < 4 * interval_s:
             return now_s + interval_s
         expected_s = self._last_change_s + period_s
         return max(now_s + interval_s, expected_s - 1.5 * interval_s)
+
+    def _next_drain_s(self, now_s: float, interval_s: float) -> float:
+        """With a native poller: wake the sampler just after each expected counter update.
+
+        The native thread stamps each update; Python only has to collect it, once per
+        update and soon after it (so figures read live, e.g. by a budget, stay fresh).
+        """
+        if len(self._update_periods) < 3:
+            return now_s + min(interval_s, NATIVE_DRAIN_INTERVAL_S)
+        period_s = sorted(self._update_periods)[len(self._update_periods) // 2]
+        due_s = self._last_change_s + period_s + NATIVE_DRAIN_MARGIN_S
+        if due_s <= now_s:  # the expected update has not come yet: look again soon
+            return now_s + NATIVE_DRAIN_MARGIN_S
+        return min(due_s, now_s + max(interval_s, period_s))
 
     def _integrate(self, now: float, power_w: float) -> EnergyReading:
         if self._last_poll_s is not None and self._last_power_w is not None:

@@ -80,15 +80,20 @@ class TraceWriter:
         """Append rows for resolved steps and flush them to disk."""
         if self._file is None:
             return
-        t0, rank, provenance, ids = self.t0_s, self.rank, self._provenance, self._device_ids
+        t0, ids = self.t0_s, self._device_ids
+        # one %-format per row (about half the cost of f-strings with a join per device);
+        # the text is the same as f"{x:.6f}" / f"{n}" would give
+        provenance = self._provenance.replace("%", "%%")
+        fmt = f"%s,%s,{self.rank},%.6f,%.6f,%.6f,%s,%.6f,%.3f,{provenance}" + ",%.6f" * len(ids)
+        fmt += "\n"
         lines = []
+        append = lines.append
         for s in steps:
-            per_device = "".join(f",{s.device_energy_j.get(d, 0.0):.6f}" for d in ids)
-            lines.append(
-                f"{s.step},{s.epoch},{rank},{s.start_s - t0:.6f},{s.end_s - t0:.6f},"
-                f"{s.end_s - s.start_s:.6f},{s.samples},{s.energy_j:.6f},{s.power_w:.3f},"
-                f"{provenance}{per_device}\n"
-            )
+            a, b, e = s.start_s, s.end_s, s.energy_j
+            d = b - a
+            per = s.device_energy_j
+            append(fmt % (s.step, s.epoch, a - t0, b - t0, d, s.samples, e,
+                          e / d if d > 0 else 0.0, *[per.get(i, 0.0) for i in ids]))  # fmt: skip
         self._file.write("".join(lines))
         self._file.flush()
 

@@ -103,6 +103,8 @@ METRIC_PREFIX = "energy/"
 #: Keys shown in a progress bar (a subset of the logged keys, same names).
 PROGRESS_BAR_KEYS = (f"{METRIC_PREFIX}power_w", f"{METRIC_PREFIX}energy_kwh")
 STATE_VERSION = 2
+#: A log interval wakes the resolver only when its last run is at least this old, seconds.
+LOG_REFRESH_S = 0.25
 
 
 class _CudaClock:
@@ -862,11 +864,28 @@ class EnergyRun:
         phase["tokens"] = self._phases["train"]["tokens"] + self._train_tokens
         return phase
 
+    def _stage_start_energy(self) -> dict[str, float] | None:
+        """Cumulative energy per device at the open stage's start (None: not known yet).
+
+        The resolver evaluates the stage's start mark in its next batch; until then (early
+        in a stage) the curves answer directly once they cover the start, so log intervals
+        do not have to wake the resolver for it.
+        """
+        if self.accountant is None or self._stage_mark is None:
+            return None
+        start = self.accountant.energy_at_mark(self._stage_mark)
+        if start is not None or self.meter is None:
+            return start
+        covered = self.meter.latest_time_s()
+        if covered is None or covered < self._stage_t0_s:
+            return None
+        return {d: v[0] for d, v in self.meter.energy_at([self._stage_t0_s]).items()}
+
     def _open_stage_energy_j(self, until_s: float) -> float:
         """Energy of the open stage from its start to ``until_s`` (0 while unresolved)."""
         if self.accountant is None or self.meter is None or self._stage_mark is None:
             return 0.0
-        start = self.accountant.energy_at_mark(self._stage_mark)
+        start = self._stage_start_energy()
         if start is None:
             return 0.0
         curves = self.meter.energy_at([until_s])
@@ -907,7 +926,11 @@ class EnergyRun:
             }
             self._window_energy_j = self._window_duration_s = 0.0
             self._window_steps = self._window_samples = self._window_tokens = 0
-        self._wake_resolver.set()
+        # Wake the resolver so the next interval's figures are fresh, at most every
+        # LOG_REFRESH_S: waking it at every log interval made it run ~15 times a second at
+        # short steps (its per-run cost is fixed: curve queries, the attribution's choice)
+        if time.monotonic() - self._last_resolve_s >= LOG_REFRESH_S:
+            self._wake_resolver.set()
         do_sync = self.sync if sync is None else sync
         cluster = all_reduce_sum(local) if do_sync else local
         train_j = cluster["train_energy_j"] + self._prior_energy("train")
@@ -1096,11 +1119,7 @@ class EnergyRun:
             phases = copy.deepcopy(self._phases)
             phases["train"] = self._train_totals()
         if open_until is not None and self._stage is not None and self.accountant is not None:
-            start = (
-                self.accountant.energy_at_mark(self._stage_mark)
-                if self._stage_mark is not None
-                else None
-            )
+            start = self._stage_start_energy()
             if start is not None and self.meter is not None:
                 curves = self.meter.energy_at([open_until])
                 add_phase(
