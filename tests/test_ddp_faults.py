@@ -110,13 +110,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def run_faulty_job(
-    sim, tmp_path: Path, mode: str, rank: int, step: int, watts: float, start_method="popen"
+    sim,
+    tmp_path: Path,
+    mode: str,
+    rank: int,
+    step: int,
+    watts: float,
+    start_method="popen",
+    max_steps: int = 14,
 ) -> dict:
-    """Run one job with one injected ending; return what was observed."""
+    """Run one job with one injected ending at ``step``; return what was observed."""
     out = tmp_path / "out"
     out.mkdir()
     config = {"out": str(out), "mode": mode, "rank": rank, "step": step, "watts": watts}
-    config["max_steps"] = 14
+    config["max_steps"] = max_steps
     config["start_method"] = start_method
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "job.py").write_text(SCRIPT)
