@@ -27,7 +27,7 @@ MODES = ("normal", "exception", "sigint", "sigterm", "sigkill")
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, signal, sys
+    import json, os, signal, sys, time
     from datetime import timedelta
     import torch
     import lightning.pytorch as pl
@@ -67,11 +67,15 @@ SCRIPT = textwrap.dedent(
                 mode = CFG["mode"]
                 if mode == "exception":
                     raise RuntimeError("injected failure on rank %d" % self.global_rank)
-                if mode == "sigkill":
+                if mode in ("sigkill", "sigkill_blocked"):
                     os.kill(os.getpid(), signal.SIGKILL)
                 if mode in ("sigint", "sigterm"):
                     sig = signal.SIGINT if mode == "sigint" else signal.SIGTERM
                     os.killpg(os.getpgid(0), sig)
+            elif CFG["mode"] == "sigkill_blocked" and self.global_step == CFG["step"]:
+                # the survivor is blocked (as in an NCCL collective that hangs rather than
+                # fails when a peer dies): no exception path runs in it for block_s
+                time.sleep(CFG["block_s"])
             self._sim.busy(self.trainer.local_rank, 0.01)
             x, y = batch
             return torch.nn.functional.cross_entropy(self.layer(x), y)
@@ -123,11 +127,13 @@ def run_faulty_job(
     watts: float,
     start_method="popen",
     max_steps: int = 14,
+    block_s: float = 0.0,
 ) -> dict:
     """Run one job with one injected ending at ``step``; return what was observed."""
     out = tmp_path / "out"
     out.mkdir()
     config = {"out": str(out), "mode": mode, "rank": rank, "step": step, "watts": watts}
+    config["block_s"] = block_s
     config["max_steps"] = max_steps
     config["start_method"] = start_method
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -189,7 +195,7 @@ def check_restored(sim, tmp_path: Path, result: dict, mode: str, rank: int) -> N
     caps = [result["out"] / f"cap{r}" for r in (0, 1)]
     caps_w = [float(p.read_text()) if p.exists() else None for p in caps]
     assert all(c is not None and c < 400.0 for c in caps_w), f"caps {caps_w}; {where}"
-    if mode == "sigkill":
+    if mode in ("sigkill", "sigkill_blocked"):
         # the dead rank's GPU is restored within 10 s of its death (seen from outside,
         # sampled every ~20 ms; both times come from the same sampler, so a sampler
         # delayed by a busy machine delays both)
@@ -261,3 +267,21 @@ def test_spawn_restores_every_gpu_and_writes_the_summary(sim, tmp_path, mode):
     result = run_faulty_job(sim, tmp_path, mode, 1, 5, 200.0, start_method="spawn")
     check_restored(sim, tmp_path, result, mode, 1)
     check_summary(result, mode, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigkill_while_the_peer_is_blocked_restores_within_10_s(sim, tmp_path, rank):
+    """NCCL's timing: a collective can hang (until its timeout) instead of failing when a
+    peer dies, so the survivor's exception path does not run. The survivor here sleeps
+    12 s at the step its peer dies; the dead rank's GPU must still be restored within
+    10 s, while the survivor lives (each live owner's watchdog reaps dead owners)."""
+    block_s = 12.0
+    result = run_faulty_job(sim, tmp_path, "sigkill_blocked", rank, 3, 200.0, block_s=block_s)
+    check_restored(sim, tmp_path, result, "sigkill_blocked", rank)
+    samples, peer = result["samples"], 1 - rank
+    died = next(s for s in samples if s[3 + rank] is False)
+    back = next(s for s in samples if s[0] >= died[0] and s[1 + rank] == 400.0)
+    where = f"rank={rank}\n{result['stderr'][-3000:]}"
+    assert back[0] - died[0] < 10.0, where
+    assert back[3 + peer], f"restored only after the blocked survivor ended; {where}"
