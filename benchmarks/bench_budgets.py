@@ -539,25 +539,113 @@ def bench_energy_matrix(runs: int, root: str) -> None:
 
 
 # -- restored after every ending (issue 11) -------------------------------------------------
+# A cap owner for the overlap case: it imports first and sets its cap only when told, so
+# the two owners of one job import side by side (the imports are most of a job's time)
+# while their caps are still set in a known order.
+RESTORE_OWNER = """
+import sys
+sys.path.insert(0, {repo!r})
+from lightning_sustain.energy.nvml import NvmlGpu
+from lightning_sustain.budget.limits import PowerLimitGuard
+gpu = NvmlGpu(0)
+guard = PowerLimitGuard([gpu])
+print("ready", flush=True)
+sys.stdin.readline()
+print("applied", guard.set_limit_w(gpu, float(sys.argv[1])), flush=True)
+command = sys.stdin.readline().strip()
+if command == "close":
+    guard.close()
+elif command == "raise":
+    raise RuntimeError("training failed")
+"""
+
+
+class _RestoreOwner:
+    """A real process holding a cap on simulated GPU 0 until told how to end."""
+
+    def __init__(self, script: Path, limit_w: float) -> None:
+        import subprocess
+
+        self.limit_w = limit_w
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(limit_w)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def _expect(self, word: str) -> None:
+        line = self.proc.stdout.readline().split()
+        assert line and line[0] == word, f"owner said {line}: {self.proc.stderr.read()[-600:]}"
+
+    def apply(self) -> None:
+        self._expect("ready")
+        self.proc.stdin.write("set\n")
+        self.proc.stdin.flush()
+        self._expect("applied")
+
+    def end(self, how: str) -> float:
+        """End the owner; returns the monotonic time at which it was seen dead."""
+        if how == "sigkill":
+            self.proc.kill()
+        elif how == "sigterm":
+            self.proc.send_signal(signal.SIGTERM)
+        else:  # close / raise / exit (atexit)
+            self.proc.stdin.write(f"{how}\n")
+            self.proc.stdin.flush()
+        self.proc.wait(timeout=120)
+        return time.monotonic()
+
+
+def _ddp_restore_delays(samples: list, mode: str, rank: int) -> list[tuple[str, float]]:
+    """Seconds from each rank's death to its GPU's limit being back (0 when it was restored
+    before the death was seen), from the outside watcher's ~20 ms samples."""
+    delays = []
+    for r in (0, 1):
+        died = next((s for s in samples if s[3 + r] is False), None)
+        if died is None:
+            continue
+        back = next((s[0] for s in samples if s[0] >= died[0] and s[1 + r] == 400.0), None)
+        assert back is not None, f"rank {r}'s GPU never restored after its death"
+        killed = mode == "sigkill" and r == rank
+        delays.append(("killed" if killed else "ended", back - died[0]))
+    return delays
+
+
 def bench_restore(runs: int, root: str) -> None:
     """Randomised jobs on the simulated device, limits persisting across processes: 2-rank
     sustain_ddp jobs with a random ending at a random step on a random rank, two
-    overlapping single-GPU jobs ending in random ways, and refused limits."""
+    overlapping single-GPU jobs ending in random ways, and refused limits.
+
+    What each job checks: the device's limit after every process ended (and the journal
+    empty); a dead process's cap released within 10 s while another process lives; for
+    overlap jobs the surviving owner's cap in force; a refused set changes and journals
+    nothing. A job's cost is mostly Python importing Lightning in each process, so a
+    DDP job stops 3 steps after its fault, the overlap owners import side by side, the
+    refused set runs in this process, and "the next run" after a lone SIGKILLed owner is
+    a PowerLimitGuard created here (what the next run and ``restore-limits`` both call).
+    """
     sys.path.insert(0, str(REPO))
     import json as _json
 
-    from tests.test_budget_limits import Owner
+    from lightning_sustain.budget.limits import PowerLimitGuard
+    from lightning_sustain.energy.errors import PowerLimitPermissionError
+    from lightning_sustain.energy.nvml import NvmlGpu
     from tests.test_ddp_faults import MODES, check_restored, run_faulty_job
 
     print(f"== restore: {runs} randomised jobs (SIMULATED device)")
+    print(f"  load average before: {os.getloadavg()}")
+    started = time.monotonic()
     rnd = random.Random(12)
     results: dict[str, list[bool]] = {}
     durations: dict[str, list[float]] = {}
+    delays: dict[str, list[float]] = {}  # case -> seconds from a death to its cap released
+    script = Path(root) / "owner.py"
+    script.write_text(RESTORE_OWNER.format(repo=str(REPO)))
     for i in range(runs):
         kind = rnd.choice(["ddp", "ddp", "overlap", "refused"])
         run_root = Path(root) / f"r{i}"
         run_root.mkdir()
-        os.environ["LIGHTNING_SUSTAIN_LIMIT_JOURNAL"] = str(run_root / "journal.json")
+        journal = run_root / "journal.json"
+        os.environ["LIGHTNING_SUSTAIN_LIMIT_JOURNAL"] = str(journal)
         t0 = time.monotonic()
         label, ok = kind, False
         with SimulatedNVML(2, counter_period_s=0.02) as sim:
@@ -565,40 +653,50 @@ def bench_restore(runs: int, root: str) -> None:
                 if kind == "ddp":
                     mode, rank, step = rnd.choice(MODES), rnd.randrange(2), rnd.randrange(2, 10)
                     label = f"ddp {mode} rank{rank}"
-                    result = run_faulty_job(sim, run_root, mode, rank, step, 200.0)
+                    result = run_faulty_job(sim, run_root, mode, rank, step, 200.0,
+                                            max_steps=step + 3)  # fmt: skip
                     check_restored(sim, run_root, result, mode, rank)
+                    for which, d in _ddp_restore_delays(result["samples"], mode, rank):
+                        delays.setdefault(f"ddp {mode} {which}", []).append(d)
                     ok = True
                 elif kind == "overlap":
-                    a, b = Owner(run_root, 250.0), Owner(run_root, 180.0)
+                    a, b = _RestoreOwner(script, 250.0), _RestoreOwner(script, 180.0)
+                    a.apply()  # A caps first; B stacks on it
+                    b.apply()
                     ends = [rnd.choice(["close", "raise", "exit", "sigterm", "sigkill"])
                             for _ in range(2)]  # fmt: skip
                     first, last = (a, b) if rnd.random() < 0.5 else (b, a)
                     label = f"overlap {ends[0]}+{ends[1]}"
                     ok_live = sim.power_limit_w(0) == 180.0
-                    first.end(ends[0])
-                    deadline = time.monotonic() + 10
+                    died = first.end(ends[0])
+                    deadline = died + 10
                     while sim.power_limit_w(0) != last.limit_w and time.monotonic() < deadline:
-                        time.sleep(0.05)
+                        time.sleep(0.02)
+                    back = time.monotonic()
                     ok_live = ok_live and sim.power_limit_w(0) == last.limit_w
+                    if ok_live:
+                        delays.setdefault(f"overlap first {ends[0]}", []).append(back - died)
                     last.end(ends[1])
                     if ends[1] == "sigkill":  # nobody left: the next run restores it
-                        subprocess_run = __import__("subprocess").run
-                        subprocess_run([sys.executable, "-m", "lightning_sustain",
-                                        "restore-limits"], capture_output=True, cwd=REPO,
-                                       timeout=120)  # fmt: skip
-                    journal = run_root / "journal.json"
+                        gpu = NvmlGpu(0)
+                        PowerLimitGuard([gpu]).close()
+                        gpu.close()
                     empty = not journal.exists() or not _json.loads(journal.read_text())["gpus"]
                     ok = ok_live and sim.power_limit_w(0) == 400.0 and empty
                 else:
                     sim.set_limit_permitted(0, False)
-                    owner_ok = True
+                    gpu = NvmlGpu(0)
+                    guard = PowerLimitGuard([gpu])
                     try:
-                        Owner(run_root, 200.0)
-                        owner_ok = False  # a refused set must raise in the owner
-                    except AssertionError:
-                        pass
-                    journal = run_root / "journal.json"
-                    ok = owner_ok and sim.power_limit_w(0) == 400.0 and not journal.exists()
+                        guard.set_limit_w(gpu, 200.0)
+                        refused = False  # a refused set must raise
+                    except PowerLimitPermissionError:
+                        refused = True
+                    nothing_journaled = not journal.exists()
+                    guard.close()
+                    gpu.close()
+                    ok = refused and nothing_journaled and sim.power_limit_w(0) == 400.0
+                    ok = ok and sim.limit_set_count(0) == 0 and not journal.exists()
             except Exception as exc:  # an assertion, or a process that did not end in time
                 text = str(exc)
                 print(f"  run {i}: {label}: FAILED {type(exc).__name__} {text[:160]} ... "
@@ -606,15 +704,23 @@ def bench_restore(runs: int, root: str) -> None:
                 ok = False
         results.setdefault(label.split()[0] if kind != "ddp" else label.split()[1], []).append(ok)
         durations.setdefault(kind, []).append(time.monotonic() - t0)
-        print(f"  run {i:3d}: {label:28s} restored={ok} ({time.monotonic() - t0:.1f} s)")
+        print(f"  run {i:3d}: {label:28s} restored={ok} ({time.monotonic() - t0:.1f} s)",
+              flush=True)  # fmt: skip
     total = sum(sum(v) for v in results.values())
     print()
     print(f"  {'case':12s} {'runs':>4s} {'restored':>8s}")
     for case, oks in sorted(results.items()):
         print(f"  {case:12s} {len(oks):4d} {sum(oks):8d}")
     print(f"  restored overall: {total}/{runs} ({100.0 * total / max(1, runs):.1f}%)")
+    print()
+    print("  seconds from a process's death to its GPU's cap released (outside watcher, ~20 ms)")
+    print(f"  {'case':34s} {'n':>3s} {'median':>7s} {'max':>7s}")
+    for case, values in sorted(delays.items()):
+        print(f"  {case:34s} {len(values):3d} {med(values):7.2f} {max(values):7.2f}")
     for kind, values in durations.items():
-        print(f"  median wall time of a {kind} job: {med(values):.1f} s")
+        print(f"  median wall time of a {kind} job: {med(values):.1f} s (max {max(values):.1f} s)")
+    print(f"  all {runs} jobs: {time.monotonic() - started:.0f} s; "
+          f"load average after: {os.getloadavg()}")  # fmt: skip
     print(f"  target (100% restored): {'MET' if total == runs else 'MISSED'}")
 
 

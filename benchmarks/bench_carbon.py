@@ -225,6 +225,7 @@ def replay(provider, start, work_s, bound, low, dt, margin=0.1):
             remaining_work_s=work_s - done,
             allowed_lost_s=allowed_total - lost,
             min_fraction=low,
+            hold_s=dt,
         )
         max_projected = max(max_projected, (lost + plan.projected_lost_s) / work_s)
         scale = float(time_scale(plan.fraction, 1 / 3))

@@ -55,8 +55,13 @@ def _trainer(tmp_path, callbacks, max_steps):
     )  # fmt: skip
 
 
-def test_optimizer_profiles_keeps_a_limit_and_restores(sim, tmp_path, caplog):
-    opt = PowerLimitOptimizer(limits_w=[400.0, 280.0, 200.0], warmup_steps=2, steps_per_limit=3)
+def test_optimizer_profiles_keeps_a_limit_and_restores(simulated_nvml, tmp_path, caplog):
+    # Each profiled phase (5 steps of 40 ms busy work) spans 20+ counter periods, so where
+    # a phase boundary falls between two counter updates (at most full power x one period
+    # plus one sampling interval, ~7 J a boundary) cannot reorder the phases' energies:
+    # above idle, a phase at 400 W draws ~56 J, one at 200 W ~31 J.
+    sim = simulated_nvml(1, counter_period_s=0.01)
+    opt = PowerLimitOptimizer(limits_w=[400.0, 280.0, 200.0], warmup_steps=2, steps_per_limit=5)
     seen = []
 
     class Probe(pl.Callback):
@@ -64,18 +69,23 @@ def test_optimizer_profiles_keeps_a_limit_and_restores(sim, tmp_path, caplog):
             seen.append(sim.power_limit_w(0))
 
     with caplog.at_level(logging.INFO, logger="lightning_sustain"):
-        _trainer(tmp_path, [opt, Probe()], max_steps=16).fit(
-            TinyClassifier(sim=sim, busy_s=0.02), loader(n=32 * 20)
+        _trainer(tmp_path, [opt, Probe()], max_steps=22).fit(
+            TinyClassifier(sim=sim, busy_s=0.04), loader(n=32 * 25)
         )
     assert [p.limit_w for p in opt.profiles] == [400.0, 280.0, 200.0]
+    assert [p.steps for p in opt.profiles] == [5, 5, 5]
     assert seen[:2] == [400.0, 400.0]
-    assert seen[2:5] == [400.0] * 3 and seen[5:8] == [280.0] * 3 and seen[8:11] == [200.0] * 3
+    assert seen[2:7] == [400.0] * 5 and seen[7:12] == [280.0] * 5 and seen[12:17] == [200.0] * 5
     assert opt.chosen is not None
     assert opt.chosen == choose_limit(opt.profiles, "energy", 0.1)
-    assert seen[11:] == [opt.chosen.limit_w] * 5, "the chosen limit stays in force"
+    assert seen[17:] == [opt.chosen.limit_w] * 5, "the chosen limit stays in force"
     assert sim.power_limit_w(0) == 400.0, "restored at the end of fit"
-    # capped busy work draws less power: energy per step falls with the limit
-    assert opt.profiles[2].energy_per_step_j < opt.profiles[0].energy_per_step_j
+    # capped busy work draws less power: the energy per step above idle falls with the
+    # limit (above idle, so that Lightning's per-step overhead, idle power for a time
+    # that varies with the machine's load, does not decide the order)
+    idle_w = sim.specs[0].idle_power_w
+    above_idle_j = [p.energy_per_step_j - idle_w * p.time_per_step_s for p in opt.profiles]
+    assert above_idle_j[2] < above_idle_j[1] < above_idle_j[0], above_idle_j
     assert any("keeping" in r.message for r in caplog.records)
 
 

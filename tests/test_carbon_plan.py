@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lightning_sustain.budget.carbon import (
     CarbonDecision,
     DecisionLog,
+    hold_floor_fraction,
     plan_pause,
     plan_power,
     time_scale,
@@ -79,6 +80,7 @@ def test_power_plan_caps_dirty_hours_and_not_clean_ones():
 def _closed_loop(source, work_s, bound, low, dt=1.0):
     """Offline run: re-plan each dt, integrate work, CO2e (at busy power) and lost time."""
     t, done, lost, co2, co2_base = T0, 0.0, 0.0, 0.0, 0.0
+    elapsed = 0.0  # summed apart from t: a unix time near 1.7e9 only resolves 2.4e-7 s
     fractions = []
     while done < work_s - 1e-9:
         plan = plan_power(
@@ -87,6 +89,7 @@ def _closed_loop(source, work_s, bound, low, dt=1.0):
             remaining_work_s=work_s - done,
             allowed_lost_s=bound * work_s - lost,
             min_fraction=low,
+            hold_s=dt,
         )
         scale = float(time_scale(plan.fraction, 1 / 3))
         step = min(dt, (work_s - done) * scale)
@@ -95,6 +98,7 @@ def _closed_loop(source, work_s, bound, low, dt=1.0):
         done += step / scale
         lost += step * (1 - 1 / scale)
         t += step
+        elapsed += step
         fractions.append(plan.fraction)
     tb = T0
     while tb < T0 + work_s:
@@ -102,19 +106,58 @@ def _closed_loop(source, work_s, bound, low, dt=1.0):
             min(tb + dt, T0 + work_s) - tb
         )
         tb += dt
-    return (t - T0) / work_s - 1, 1 - co2 / co2_base, fractions
+    return elapsed / work_s - 1, 1 - co2 / co2_base, fractions
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(phase=st.floats(0, 6.28), swing=st.floats(2.0, 5.0), bound=st.floats(0.02, 0.2))
 def test_closed_loop_never_exceeds_the_bound_and_saves(phase, swing, bound):
     source = _trace(100.0, swing, phase, duration_s=2000)
     slowdown, saving, fractions = _closed_loop(source, 300.0, bound, 0.3)
-    # the last partial step can overshoot by a fraction of one step's cost: hypothesis found
-    # 0.07824 on a bound of 0.078125 (+0.15 %); allowed: 1 % of the bound
-    assert slowdown <= bound * 1.01 + 1e-4
+    # exact up to float rounding of the loop's sums (hypothesis once found +0.15 % over
+    # when a cap planned on short forecast chunks was held for a whole re-plan interval)
+    assert slowdown <= bound + 1e-9
     assert saving > 0.0
     assert min(fractions) < 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    phase=st.floats(0, 6.28),
+    swing=st.floats(1.2, 5.0),
+    bound=st.floats(0.001, 0.3),
+    work=st.floats(1.0, 60.0),
+    dt=st.floats(0.2, 30.0),
+    low=st.floats(0.2, 1.0),
+)
+def test_held_caps_never_exceed_the_bound_at_any_replan_interval(
+    phase, swing, bound, work, dt, low
+):
+    source = _trace(100.0, swing, phase, duration_s=2000)
+    slowdown, _, _ = _closed_loop(source, work, bound, low, dt=dt)
+    assert slowdown <= bound + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    remaining=st.floats(0.01, 1000.0),
+    allowed=st.floats(1e-6, 100.0),
+    hold=st.one_of(st.none(), st.floats(0.01, 1000.0)),
+    exponent=st.floats(0.1, 1.0),
+)
+def test_hold_floor_is_the_lowest_cap_within_the_allowance(remaining, allowed, hold, exponent):
+    floor = hold_floor_fraction(remaining, allowed, hold, exponent)
+
+    def loss(fraction):
+        scale = float(time_scale(fraction, exponent))
+        to_end = remaining * (scale - 1)
+        return to_end if hold is None else min(hold * (1 - 1 / scale), to_end)
+
+    assert 0.0 <= floor <= 1.0
+    if floor > 0.0:
+        assert loss(floor) <= allowed * (1 + 1e-9)
+        lower = floor * (1 - 1e-6)
+        assert lower < 1e-6 or loss(lower) > allowed  # the lowest such cap
 
 
 @settings(max_examples=80, deadline=None)

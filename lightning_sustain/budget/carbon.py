@@ -18,7 +18,12 @@ work still fits in the remaining allowance of extra time:
   warm-up, times ``1 - margin``;
 - the window is the remaining uncapped time plus that allowance (and never past a
   deadline); the forecast is sampled over it;
-- once the allowance is spent, or with no forecast gain, the answer is "uncapped".
+- once the allowance is spent, or with no forecast gain, the answer is "uncapped";
+- the cap chosen now stays in force until the next decision (``hold_s``), which may be
+  longer than a forecast chunk: the cap is never so low that holding it that long (or
+  until the work is done, the last partial interval) would lose more than the
+  allowance left. By induction over decisions, the time lost never exceeds the
+  allowance, whatever the forecast error.
 
 The projected slowdown of the whole run (time lost so far plus the time the plan loses
 from now on) is part of each :class:`CarbonDecision`; it never exceeds
@@ -53,6 +58,7 @@ __all__ = [
     "PausePlan",
     "PowerPlan",
     "plan_pause",
+    "hold_floor_fraction",
     "plan_power",
     "time_scale",
 ]
@@ -157,6 +163,50 @@ def _forecast(
     return starts, values, dt
 
 
+def _held_loss_s(
+    fraction: float, remaining_work_s: float, hold_s: float | None, perf_exponent: float
+) -> float:
+    """Wall time lost holding ``fraction`` for ``hold_s`` or until the work is done."""
+    scale = float(time_scale(fraction, perf_exponent))
+    lost_to_end = remaining_work_s * (scale - 1.0)
+    if hold_s is None:
+        return lost_to_end
+    return min(hold_s * (1.0 - 1.0 / scale), lost_to_end)
+
+
+def hold_floor_fraction(
+    remaining_work_s: float, allowed_lost_s: float, hold_s: float | None, perf_exponent: float
+) -> float:
+    """The lowest cap whose time lost while held stays within the allowance.
+
+    Holding cap ``c`` (time scale ``s = c ** -perf_exponent``) for ``hold_s`` seconds, or
+    until ``remaining_work_s`` of uncapped work is done if that comes first, loses
+    ``min(hold_s x (1 - 1/s), remaining_work_s x (s - 1))`` seconds; the answer is the
+    lowest ``c`` for which that is at most ``allowed_lost_s``.
+
+    Args:
+        remaining_work_s: uncapped wall time the remaining work needs, seconds.
+        allowed_lost_s: extra wall time still allowed, seconds.
+        hold_s: how long the cap stays in force; ``None``: until the work is done.
+        perf_exponent: the DVFS model's exponent (time ~ cap ** -exponent).
+
+    Returns:
+        A fraction of busy power in ``(0, 1]``; 1.0 when no capping is affordable.
+    """
+    if allowed_lost_s <= 0 or remaining_work_s <= 0:
+        return 1.0
+    # the largest time scale affordable: either way of ending the hold within the allowance
+    scale = 1.0 + allowed_lost_s / remaining_work_s
+    if hold_s is not None:
+        scale = max(
+            scale, math.inf if allowed_lost_s >= hold_s else hold_s / (hold_s - allowed_lost_s)
+        )
+    if math.isinf(scale):
+        return 0.0
+    # one part in 1e12 above the exact root, so rounding never lands on the wrong side
+    return min(1.0, scale ** (-1.0 / perf_exponent) * (1.0 + 1e-12))
+
+
 @dataclass
 class PowerPlan:
     """Answer of :func:`plan_power`.
@@ -184,6 +234,7 @@ def plan_power(
     perf_exponent: float = 1.0 / 3.0,
     deadline_unix_s: float | None = None,
     points: int = 120,
+    hold_s: float | None = None,
 ) -> PowerPlan:
     """Choose the power cap now from the forecast over the rest of the run.
 
@@ -196,6 +247,10 @@ def plan_power(
         perf_exponent: the DVFS model's exponent (time ~ cap ** -exponent).
         deadline_unix_s: never plan past this time.
         points: forecast samples over the window.
+        hold_s: how long the answer stays in force (the time to the next decision);
+            ``None``: until the work is done (the safe, most conservative assumption).
+            The cap is never lower than what keeps the time lost while it is held, or
+            until the remaining work is done if sooner, within ``allowed_lost_s``.
 
     Returns:
         The plan.
@@ -231,6 +286,9 @@ def plan_power(
                 lo = mid
         k = hi
     fraction = float(np.clip(k / max(now_value, 1e-9), min_fraction, 1.0))
+    floor = hold_floor_fraction(remaining_work_s, allowed_lost_s, hold_s, perf_exponent)
+    held = fraction < floor
+    fraction = max(fraction, floor)
     # time the plan needs for the remaining work: walk the window until the work is done
     rates = 1.0 / time_scale(caps(k), perf_exponent)
     done = np.cumsum(rates * dt)
@@ -241,8 +299,17 @@ def plan_power(
         before = done[idx - 1] if idx > 0 else 0.0
         needed_s = idx * dt + (remaining_work_s - before) / rates[idx]
     lost_s = max(0.0, needed_s - remaining_work_s)
+    if held:
+        held_loss_s = _held_loss_s(fraction, remaining_work_s, hold_s, perf_exponent)
+        lost_s = min(allowed_lost_s, max(lost_s, held_loss_s))
     if fraction >= 1.0:
         reason = f"intensity {now_value:.0f} <= {k:.0f} gCO2e/kWh: full power"
+    elif held:
+        reason = (
+            f"intensity {now_value:.0f} > {k:.0f} gCO2e/kWh: cap {fraction:.2f} of busy power, "
+            f"the lowest whose time lost until the next decision stays within the "
+            f"{allowed_lost_s:.1f} s still allowed"
+        )
     else:
         reason = (
             f"intensity {now_value:.0f} > {k:.0f} gCO2e/kWh: cap {fraction:.2f} of busy power "

@@ -594,6 +594,18 @@ class CarbonAwareController(Callback):
                 self.deadline_unix_s - now_unix,
             )
 
+    def _hold_s(self, trainer: pl.Trainer, low: float) -> float:
+        """The longest a cap decided now stays in force, seconds.
+
+        Until the next decision, which comes at a step's end (one process) or after a fixed
+        number of steps (DDP); each step at most as slow as under the lowest cap.
+        """
+        assert self.base_step_s is not None
+        slowest_step_s = self.base_step_s * float(time_scale(low, self.perf_exponent))
+        if trainer.world_size <= 1 or self._every_steps is None:
+            return self.decide_every_s + slowest_step_s
+        return self._every_steps * slowest_step_s
+
     def _decide_power(
         self,
         trainer: pl.Trainer,
@@ -622,6 +634,7 @@ class CarbonAwareController(Callback):
                 min_fraction=min(1.0, low),
                 perf_exponent=self.perf_exponent,
                 deadline_unix_s=self.deadline_unix_s,
+                hold_s=self._hold_s(trainer, min(1.0, low)),
             )
             fraction, reason, plan_lost = plan.fraction, plan.reason, plan.projected_lost_s
         projected = (max(0.0, lost) + plan_lost) / total_base
