@@ -36,7 +36,10 @@ COMPAT_TESTS ?= tests/test_compat.py tests/test_strategies_any.py tests/test_eff
 	tests/test_energy_monitor_cpu.py::test_summary_and_trace_with_csv_logger \
 	tests/test_energy_monitor_cpu.py::test_validate_and_test_accounted_separately \
 	tests/test_budget_energy.py::test_budget_smaller_than_one_step_says_so \
-	tests/test_ddp_cli.py
+	tests/test_ddp_cli.py \
+	tests/test_fabric_sustain_ddp.py::test_fabric_resolves_sustain_ddp_to_the_fabric_strategy \
+	tests/test_fabric_sustain_ddp.py::test_fabric_two_ranks_per_rank_accounting_and_summary \
+	tests/test_budget_energy_core.py
 
 $(COMPAT_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_VENV)

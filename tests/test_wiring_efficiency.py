@@ -186,7 +186,10 @@ def test_trainer_counts_flops_of_the_real_first_batch(tmp_path: Path, simulated_
     sim = simulated_nvml(1, counter_period_s=0.02)
     monitor = EnergyMonitor(cpu="none", dirpath=str(tmp_path), report=False, tokens_per_sample=5)
     logger = CSVLogger(tmp_path, name="logs")
-    _fit(tmp_path, monitor, TinyClassifier(sim=sim, busy_s=0.005), logger=logger)
+    # 10 steps of 0.1 s: the resolver runs on its own 0.5 s clock (a log interval wakes it
+    # at most every 0.25 s), so a log interval carries figures once a fit lasts longer than
+    # that; a 50 ms fit only has them in the summary.
+    _fit(tmp_path, monitor, TinyClassifier(sim=sim, busy_s=0.1), logger=logger)
     summary = read_summary(tmp_path / "energy_summary.json")
     # TinyClassifier: Linear(16, 2) on batches of 32
     expected = _linear_train_flops(32, 16, 2)
